@@ -1,0 +1,489 @@
+//! Configuration: TOML read into a raw struct, then validated into a typed [`Config`], with every
+//! problem reported at once as `file: key: why`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::routing::{RegionSource, UpstreamTarget};
+
+/// Region codes Twilio's SDK knows (`region` option), allowed unless `[routing] regions` says otherwise.
+pub const DEFAULT_REGIONS: &[&str] =
+    &["gll", "au1", "br1", "de1", "ie1", "in1", "jp1", "sg1", "us1", "us2"];
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub upstream: UpstreamSettings,
+    /// The allow-list of region codes (`[routing] regions`).
+    pub regions: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How long to wait for the browser's first message (which carries the token).
+    pub first_message_timeout: Duration,
+    /// Largest message, in bytes, relayed in either direction.
+    pub max_message_size: u64,
+    /// Close connections whose token has expired with 1008 instead of relaying them.
+    pub reject_expired_tokens: bool,
+    /// Bound on the TLS handshake plus reading the request headers.
+    pub handshake_timeout: Duration,
+    /// How long live connections may go on after a shutdown signal before they are closed.
+    pub drain_timeout: Duration,
+}
+
+/// `[upstream]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// Extra PEM trust anchors, added to the public web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Bound on DNS, TCP, TLS and the WebSocket handshake together.
+    pub connect_timeout: Duration,
+    /// Host name to address overrides, like curl's `--resolve`.
+    pub resolve: BTreeMap<String, SocketAddr>,
+    /// Whether hosts missing from `resolve` are looked up in the system's DNS.
+    pub system_dns: bool,
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The name written to records (`route`); defaults to the path.
+    pub name: String,
+    /// The path the route answers on, e.g. `/signaling`; `/<region>/signaling` matches too.
+    pub path: String,
+    /// The `wss://` URL template, containing `{region}`.
+    pub upstream: String,
+    /// Where the region comes from, in order of precedence.
+    pub region_from: Vec<RegionSource>,
+    pub default_region: String,
+    /// Region code to host label, e.g. `gll = "global"`.
+    pub region_alias: BTreeMap<String, String>,
+}
+
+impl Route {
+    /// The host label a region code is written as in the upstream URL.
+    pub fn host_label<'a>(&'a self, region: &'a str) -> &'a str {
+        self.region_alias.get(region).map(String::as_str).unwrap_or(region)
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(f, "{}: {n} problem{}", self.file, if n == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}: {}", self.file, p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawConfig {
+    server: RawServer,
+    upstream: RawUpstream,
+    routing: RawRouting,
+    routes: Option<Vec<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawServer {
+    listen: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    first_message_timeout: Option<String>,
+    max_message_size: Option<i64>,
+    reject_expired_tokens: Option<bool>,
+    handshake_timeout: Option<String>,
+    drain_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawUpstream {
+    ca_file: Option<String>,
+    connect_timeout: Option<String>,
+    resolve: BTreeMap<String, String>,
+    system_dns: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRouting {
+    regions: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRoute {
+    name: Option<String>,
+    path: Option<String>,
+    upstream: Option<String>,
+    region_from: Option<Vec<String>>,
+    default_region: Option<String>,
+    region_alias: BTreeMap<String, String>,
+}
+
+/// The two routes that apply when a config has no `[[routes]]`.
+fn default_routes() -> Vec<RawRoute> {
+    vec![
+        RawRoute {
+            name: Some("signaling".into()),
+            path: Some("/signaling".into()),
+            upstream: Some("wss://{region}.vss.twilio.com/signaling".into()),
+            region_from: Some(vec!["path".into(), "query".into(), "token".into()]),
+            default_region: Some("gll".into()),
+            region_alias: BTreeMap::from([("gll".into(), "global".into())]),
+        },
+        RawRoute {
+            name: Some("insights".into()),
+            path: Some("/v1/VideoEvents".into()),
+            upstream: Some("wss://sdkgw.{region}.twilio.com/v1/VideoEvents".into()),
+            region_from: Some(vec!["path".into(), "query".into()]),
+            default_region: Some("us1".into()),
+            region_alias: BTreeMap::new(),
+        },
+    ]
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            problems: vec![Problem { key: "-".into(), message: format!("cannot read: {e}") }],
+        })?;
+        Config::parse(&text, &file)
+    }
+
+    /// Validates configuration text; `file` names it in problems.
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let fail = |problems: Vec<Problem>| ConfigError { file: file.to_string(), problems };
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            fail(vec![Problem { key: "-".into(), message: one_line(&e.to_string()) }])
+        })?;
+        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+            problems.push(Problem { key: path.to_string(), message: "unknown key".into() });
+        })
+        .map_err(|e| fail(vec![Problem { key: "-".into(), message: one_line(&e.to_string()) }]))?;
+        let config = validate(raw, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(fail(problems))
+        }
+    }
+
+    /// A configuration with every default, as if the file held nothing.
+    pub fn defaults() -> Config {
+        Config::parse("", "<defaults>").expect("the defaults are valid")
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+struct Checker<'a> {
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Checker<'_> {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem { key: key.into(), message: message.into() });
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration, min: Duration) -> Duration {
+        let Some(raw) = raw else { return default };
+        match humantime::parse_duration(raw) {
+            Ok(d) if d < min => {
+                self.problem(key, format!("{raw:?} is shorter than {}", humantime::format_duration(min)));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.problem(key, format!("{raw:?} is not a duration like \"4s\" or \"500ms\": {e}"));
+                default
+            }
+        }
+    }
+
+    fn addr(&mut self, key: &str, raw: &str) -> Option<SocketAddr> {
+        match raw.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(key, format!("{raw:?} is not an address like \"127.0.0.1:8443\""));
+                None
+            }
+        }
+    }
+}
+
+/// True when `path` lives in a `certs/dev` directory, the only place sigrelay may generate a
+/// throwaway certificate.
+pub fn is_dev_cert_path(path: &Path) -> bool {
+    path.parent().is_some_and(|dir| dir.ends_with("certs/dev"))
+}
+
+fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
+    let mut c = Checker { problems };
+    let s = raw.server;
+    let listen = s.listen.as_deref().unwrap_or("127.0.0.1:8443");
+    let listen = c.addr("server.listen", listen).unwrap_or_else(|| ([127, 0, 0, 1], 8443).into());
+    let cert = PathBuf::from(s.cert.as_deref().unwrap_or("certs/dev/cert.pem"));
+    let key = PathBuf::from(s.key.as_deref().unwrap_or("certs/dev/key.pem"));
+    for (name, path) in [("server.cert", &cert), ("server.key", &key)] {
+        if !path.exists() && !is_dev_cert_path(path) {
+            c.problem(name, format!("{} does not exist", path.display()));
+        }
+    }
+    let max_message_size = match s.max_message_size {
+        None => 1 << 20,
+        Some(n) if (1024..=(1 << 30)).contains(&n) => n as u64,
+        Some(n) => {
+            c.problem("server.max_message_size", format!("{n} is outside 1024..=1073741824 bytes"));
+            1 << 20
+        }
+    };
+    let server = ServerSettings {
+        listen,
+        cert,
+        key,
+        first_message_timeout: c.duration(
+            "server.first_message_timeout",
+            s.first_message_timeout.as_deref(),
+            Duration::from_secs(2),
+            Duration::ZERO,
+        ),
+        max_message_size,
+        reject_expired_tokens: s.reject_expired_tokens.unwrap_or(false),
+        handshake_timeout: c.duration(
+            "server.handshake_timeout",
+            s.handshake_timeout.as_deref(),
+            Duration::from_secs(10),
+            Duration::from_millis(100),
+        ),
+        drain_timeout: c.duration(
+            "server.drain_timeout",
+            s.drain_timeout.as_deref(),
+            Duration::from_secs(30),
+            Duration::ZERO,
+        ),
+    };
+
+    let u = raw.upstream;
+    let ca_file = u.ca_file.map(PathBuf::from);
+    if let Some(ca) = &ca_file {
+        if !ca.exists() {
+            c.problem("upstream.ca_file", format!("{} does not exist", ca.display()));
+        }
+    }
+    let mut resolve = BTreeMap::new();
+    for (host, addr) in &u.resolve {
+        let key = format!("upstream.resolve.\"{host}\"");
+        if !is_host_name(host) {
+            c.problem(&key, "not a host name");
+        }
+        if let Some(a) = c.addr(&key, addr) {
+            resolve.insert(host.to_ascii_lowercase(), a);
+        }
+    }
+    let upstream = UpstreamSettings {
+        ca_file,
+        connect_timeout: c.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            Duration::from_secs(4),
+            Duration::from_millis(10),
+        ),
+        resolve,
+        system_dns: u.system_dns.unwrap_or(true),
+    };
+
+    let regions: Vec<String> = match raw.routing.regions {
+        None => DEFAULT_REGIONS.iter().map(|r| r.to_string()).collect(),
+        Some(list) => {
+            if list.is_empty() {
+                c.problem("routing.regions", "must list at least one region code");
+            }
+            let mut seen = HashSet::new();
+            for (i, r) in list.iter().enumerate() {
+                if !is_region_code(r) {
+                    c.problem(format!("routing.regions[{i}]"), format!("{r:?} is not a region code (a-z, 0-9, '-', up to 32)"));
+                }
+                if !seen.insert(r) {
+                    c.problem(format!("routing.regions[{i}]"), format!("{r:?} is listed twice"));
+                }
+            }
+            list
+        }
+    };
+
+    let raw_routes = match raw.routes {
+        None => default_routes(),
+        Some(r) if r.is_empty() => {
+            c.problem("routes", "an empty list leaves nothing to relay; remove it to get the two default routes");
+            Vec::new()
+        }
+        Some(r) => r,
+    };
+    let mut routes = Vec::new();
+    let mut paths = HashSet::new();
+    let mut names = HashSet::new();
+    for (i, r) in raw_routes.into_iter().enumerate() {
+        let k = |field: &str| format!("routes[{i}].{field}");
+        let path = r.path.unwrap_or_default();
+        if path.is_empty() {
+            c.problem(k("path"), "missing");
+        } else if !path.starts_with('/') || path.contains(['?', '#', ' ']) || path.contains("//") || path == "/" {
+            c.problem(k("path"), format!("{path:?} must be an absolute path like \"/signaling\", without query"));
+        } else if !paths.insert(path.clone()) {
+            c.problem(k("path"), format!("{path:?} is used by another route"));
+        }
+        let name = r.name.unwrap_or_else(|| path.clone());
+        if !names.insert(name.clone()) {
+            c.problem(k("name"), format!("{name:?} is used by another route"));
+        }
+        let mut region_from = Vec::new();
+        for (j, src) in r.region_from.unwrap_or_else(|| vec!["path".into(), "query".into()]).iter().enumerate() {
+            match RegionSource::parse(src) {
+                Some(s) if region_from.contains(&s) => c.problem(format!("routes[{i}].region_from[{j}]"), format!("{src:?} is listed twice")),
+                Some(s) => region_from.push(s),
+                None => c.problem(format!("routes[{i}].region_from[{j}]"), format!("{src:?} is not one of path, query, token")),
+            }
+        }
+        let default_region = r.default_region.unwrap_or_else(|| regions.first().cloned().unwrap_or_default());
+        if !regions.contains(&default_region) {
+            c.problem(k("default_region"), format!("{default_region:?} is not in routing.regions"));
+        }
+        for (code, label) in &r.region_alias {
+            if !regions.contains(code) {
+                c.problem(format!("routes[{i}].region_alias.{code}"), "not in routing.regions");
+            }
+            if !is_region_code(label) {
+                c.problem(format!("routes[{i}].region_alias.{code}"), format!("{label:?} is not a host label"));
+            }
+        }
+        let route = Route {
+            name,
+            path,
+            upstream: r.upstream.unwrap_or_default(),
+            region_from,
+            default_region,
+            region_alias: r.region_alias,
+        };
+        if route.upstream.is_empty() {
+            c.problem(k("upstream"), "missing");
+        } else if !route.upstream.contains("{region}") {
+            c.problem(k("upstream"), format!("{:?} must contain {{region}}", route.upstream));
+        } else {
+            // Every allowed region must yield a usable URL, so nothing is left to fail per connection.
+            for region in &regions {
+                if let Err(why) = UpstreamTarget::from_template(&route.upstream, route.host_label(region)) {
+                    c.problem(k("upstream"), format!("{:?}: {why}", route.upstream));
+                    break;
+                }
+            }
+        }
+        routes.push(route);
+    }
+
+    Config { server, upstream, regions, routes }
+}
+
+/// A region code or host label: lowercase letters, digits and '-', 1 to 32 long, not starting with '-'.
+pub fn is_region_code(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_has_the_two_shipped_routes() {
+        let c = Config::defaults();
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].path, "/signaling");
+        assert_eq!(c.routes[0].host_label("gll"), "global");
+        assert_eq!(c.routes[1].default_region, "us1");
+        assert_eq!(c.upstream.connect_timeout, Duration::from_secs(4));
+        assert_eq!(c.server.max_message_size, 1 << 20);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            first_message_timeout = "soon"
+            colour = "blue"
+            [upstream]
+            ca_file = "/does/not/exist.pem"
+            [routing]
+            regions = ["au1", "AU1"]
+            [[routes]]
+            path = "signaling"
+            upstream = "ws://{region}.example.com/"
+            region_from = ["path", "cookie"]
+            default_region = "us1"
+        "#;
+        let err = Config::parse(text, "test.toml").unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "server.listen",
+            "server.first_message_timeout",
+            "server.colour",
+            "upstream.ca_file",
+            "routing.regions[1]",
+            "routes[0].path",
+            "routes[0].upstream",
+            "routes[0].region_from[1]",
+            "routes[0].default_region",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert!(err.to_string().contains("test.toml: server.listen: "));
+    }
+}

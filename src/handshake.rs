@@ -1,0 +1,198 @@
+//! The browser's HTTP request: health checks, routing, WebSocket upgrade validation and the 101.
+//! Failures before the upgrade answer with a status (one mapping, in `outcome.rs`) and a record.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use crate::outcome::Outcome;
+use crate::records::HandshakeRecord;
+use crate::relay::{self, Session};
+use crate::routing::{PathMatch, Router};
+use crate::upstream::ForwardHeaders;
+use crate::App;
+
+/// What the listener knows about the TLS connection a request arrived on.
+pub struct ConnContext {
+    pub app: Arc<App>,
+    pub client_addr: SocketAddr,
+    pub sni: Option<String>,
+    pub tls_ms: f64,
+    /// Set once a request arrives, so a connection that never sends one still gets a record.
+    pub saw_request: AtomicBool,
+}
+
+/// A new connection id: a ULID, unique across a fleet without coordination.
+pub fn new_conn_id() -> String {
+    ulid::Ulid::new().to_string()
+}
+
+/// Longest header value copied into a record.
+const MAX_RECORDED_HEADER: usize = 256;
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    let v = headers.get(name)?;
+    Some(String::from_utf8_lossy(v.as_bytes()).chars().take(MAX_RECORDED_HEADER).collect())
+}
+
+fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, body: String) -> Resp {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+/// Why a request is refused before the upgrade.
+struct Refusal {
+    outcome: Outcome,
+    why: &'static str,
+}
+
+fn refuse(outcome: Outcome, why: &'static str) -> Refusal {
+    Refusal { outcome, why }
+}
+
+/// Answers one request on the main listener.
+pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Result<Resp, Infallible> {
+    conn.saw_request.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    if req.uri().path() == "/healthz" && req.method() == Method::GET {
+        return Ok(text(StatusCode::OK, "ok\n".into()));
+    }
+    let app = conn.app.clone();
+    let mut record = HandshakeRecord::new(new_conn_id(), conn.client_addr, conn.sni.clone());
+    record.tls_ms = Some(conn.tls_ms);
+    record.path = Some(req.uri().path().chars().take(MAX_RECORDED_HEADER).collect());
+    record.origin = header_text(req.headers(), header::ORIGIN);
+    record.user_agent = header_text(req.headers(), header::USER_AGENT);
+
+    let accepted = check(&req, &conn, &app.router, &mut record);
+    let (route, path_region, query_region) = match accepted {
+        Ok(ok) => ok,
+        Err(refusal) => {
+            record.outcome = Some(refusal.outcome);
+            record.error = Some(refusal.why.to_string());
+            record.total_ms = Some(crate::records::millis(started.elapsed()));
+            let body = format!("{}: {} (conn={})\n", refusal.outcome, refusal.why, record.conn_id);
+            let mut resp = text(refusal.outcome.http_status(), body);
+            match refusal.outcome {
+                Outcome::NotWebsocket => {
+                    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+                }
+                Outcome::BadRequest if refusal.why == WRONG_VERSION => {
+                    resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                }
+                _ => {}
+            }
+            app.records.handshake(record);
+            return Ok(resp);
+        }
+    };
+
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).expect("checked").as_bytes();
+    let accept = derive_accept_key(key);
+    let headers = ForwardHeaders {
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        origin: req.headers().get(header::ORIGIN).cloned(),
+        forwarded_for: HeaderValue::from_str(&conn.client_addr.ip().to_string()).ok(),
+    };
+    let session = Session { record, route, path_region, query_region, headers, started };
+    let upgrade = hyper::upgrade::on(&mut req);
+    app.tracker.spawn(relay::run(app.clone(), upgrade, session));
+
+    let resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid");
+    Ok(resp)
+}
+
+const WRONG_VERSION: &str = "Sec-WebSocket-Version must be 13";
+
+/// Validates the request; on success returns the route index and the regions from path and query.
+fn check(
+    req: &Request<Incoming>,
+    conn: &ConnContext,
+    router: &Router,
+    record: &mut HandshakeRecord,
+) -> Result<(usize, Option<String>, Option<String>), Refusal> {
+    if req.method() == Method::CONNECT {
+        return Err(refuse(Outcome::BadRequest, "CONNECT is not supported"));
+    }
+    // An absolute URI must name the host the client reached; it never chooses the upstream.
+    if let Some(authority) = req.uri().authority() {
+        let reached = conn.sni.clone().or_else(|| {
+            let host = req.headers().get(header::HOST)?.to_str().ok()?;
+            Some(host.parse::<http::uri::Authority>().ok()?.host().to_string())
+        });
+        if reached.is_none_or(|h| !h.eq_ignore_ascii_case(authority.host())) {
+            return Err(refuse(Outcome::BadRequest, "absolute URI names another host"));
+        }
+    }
+    let (route_index, path_region) = match router.match_path(req.uri().path()) {
+        PathMatch::NotFound => return Err(refuse(Outcome::NotFound, "no route for this path")),
+        PathMatch::BadRegion => return Err(refuse(Outcome::BadRegion, "region in the path is not allowed")),
+        PathMatch::Route { index, region, .. } => (index, region.map(str::to_string)),
+    };
+    let entry = router.entry(route_index);
+    record.route = Some(entry.route.name.clone());
+    let query_region = if entry.uses(crate::routing::RegionSource::Query) {
+        match Router::query_region(req.uri().query()) {
+            Some(r) if !router.is_allowed(r) => {
+                return Err(refuse(Outcome::BadRegion, "region in the query is not allowed"))
+            }
+            r => r.map(str::to_string),
+        }
+    } else {
+        None
+    };
+    let h = req.headers();
+    if !has_token(h, header::UPGRADE, "websocket") {
+        return Err(refuse(Outcome::NotWebsocket, "this path only accepts WebSocket upgrades"));
+    }
+    if req.method() != Method::GET || req.version() != Version::HTTP_11 {
+        return Err(refuse(Outcome::BadRequest, "a WebSocket upgrade must be an HTTP/1.1 GET"));
+    }
+    if !has_token(h, header::CONNECTION, "upgrade") {
+        return Err(refuse(Outcome::BadRequest, "Connection header lacks Upgrade"));
+    }
+    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err(refuse(Outcome::BadRequest, WRONG_VERSION));
+    }
+    let key_ok = h
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|k| STANDARD.decode(k.as_bytes()).ok())
+        .is_some_and(|k| k.len() == 16);
+    if !key_ok {
+        return Err(refuse(Outcome::BadRequest, "Sec-WebSocket-Key is missing or not 16 bytes of base64"));
+    }
+    Ok((route_index, path_region, query_region))
+}

@@ -1,0 +1,118 @@
+//! Accepting connections: the accept loop, and per connection the TLS handshake (under
+//! `handshake_timeout`) and the HTTP/1.1 server with upgrades.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument;
+
+use crate::handshake::{self, new_conn_id, ConnContext};
+use crate::outcome::Outcome;
+use crate::records::{millis, HandshakeRecord};
+use crate::App;
+
+/// Largest request head (request line and headers) accepted.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Accepts until shutdown starts. One failed `accept()` never ends the loop; when descriptors
+/// run out it backs off briefly instead of spinning.
+pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = app.shutdown.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((tcp, addr)) => {
+                app.tracker.spawn(serve_connection(app.clone(), tcp, addr));
+            }
+            Err(e) => {
+                // ENFILE (23) and EMFILE (24): retrying at once would spin.
+                let exhausted = matches!(e.raw_os_error(), Some(23 | 24));
+                tracing::warn!(error = %e, "accept failed");
+                if exhausted {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Serves one TCP connection: TLS, then HTTP requests until the connection upgrades or closes.
+async fn serve_connection(app: Arc<App>, tcp: TcpStream, client_addr: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let span = tracing::info_span!("conn", client = %client_addr, sni = Empty);
+    let started = Instant::now();
+    let limit = app.config.server.handshake_timeout;
+    async {
+        let tls = match tokio::time::timeout(limit, app.tls.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return early_failure(&app, client_addr, started, Outcome::ClientTlsError, e.to_string()),
+            Err(_) => {
+                let why = format!("TLS handshake did not finish within {}", humantime::format_duration(limit));
+                return early_failure(&app, client_addr, started, Outcome::ClientTimeout, why);
+            }
+        };
+        let tls_time = started.elapsed();
+        let sni = tls.get_ref().1.server_name().map(str::to_string);
+        if let Some(sni) = &sni {
+            tracing::Span::current().record("sni", sni.as_str());
+        }
+        let ctx = Arc::new(ConnContext {
+            app: app.clone(),
+            client_addr,
+            sni,
+            tls_ms: millis(tls_time),
+            saw_request: AtomicBool::new(false),
+        });
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limit.saturating_sub(tls_time).max(Duration::from_millis(100)))
+            .max_buf_size(MAX_HEAD);
+        let svc_ctx = ctx.clone();
+        let svc = service_fn(move |req| handshake::handle(req, svc_ctx.clone()));
+        let conn = http.serve_connection(TokioIo::new(tls), svc).with_upgrades();
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = app.shutdown.drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if !ctx.saw_request.load(Ordering::Relaxed) {
+            let (outcome, why) = match &result {
+                Err(e) if e.is_timeout() => (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string()),
+                Err(e) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
+                Err(e) => (Outcome::NoRequest, e.to_string()),
+                Ok(()) => (Outcome::NoRequest, "connection closed before a request".to_string()),
+            };
+            let mut record = HandshakeRecord::new(new_conn_id(), client_addr, ctx.sni.clone());
+            record.tls_ms = Some(ctx.tls_ms);
+            record.outcome = Some(outcome);
+            record.error = Some(why);
+            record.total_ms = Some(millis(started.elapsed()));
+            app.records.handshake(record);
+        } else if let Err(e) = result {
+            tracing::debug!(error = %e, "http connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn early_failure(app: &App, client_addr: SocketAddr, started: Instant, outcome: Outcome, why: String) {
+    tracing::debug!(%outcome, error = %why, "connection failed before a request");
+    let mut record = HandshakeRecord::new(new_conn_id(), client_addr, None);
+    record.outcome = Some(outcome);
+    record.error = Some(why);
+    record.total_ms = Some(millis(started.elapsed()));
+    app.records.handshake(record);
+}

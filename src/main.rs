@@ -1,0 +1,169 @@
+//! The `sigrelay` binary: parse arguments, set up logging, load config, bind, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sigrelay::{tls, Config};
+
+/// A TLS-terminating WebSocket relay for Twilio Video signalling and insights.
+///
+/// Point the SDK's `wsServer` and `wsServerInsights` at it. Handshake and close records go to
+/// stdout, one JSON object per line; logs go to stderr.
+#[derive(Parser)]
+#[command(name = "sigrelay", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay (the default when no subcommand is given).
+    Run(RunArgs),
+    /// Validate a config file: print every problem (file, key, why) and exit non-zero if any.
+    CheckConfig {
+        #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
+    config: PathBuf,
+    /// Listen address, overriding `[server] listen`; port 0 picks a free port.
+    #[arg(long, env = "SIGRELAY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Log format on stderr.
+    #[arg(long, env = "SIGRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `sigrelay=debug`.
+    #[arg(long, env = "SIGRELAY_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { config }) => check_config(&config),
+        Some(Command::Run(args)) => run(args),
+        None => run(cli.run),
+    }
+}
+
+fn init_logging(args: &RunArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|e| {
+        eprintln!("sigrelay: ignoring --log {:?}: {e}", args.log);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn check_config(path: &PathBuf) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut problems = Vec::new();
+    let dev_pending = !config.server.cert.exists() && sigrelay::config::is_dev_cert_path(&config.server.cert);
+    if !dev_pending {
+        if let Err(e) = tls::server_config(&config) {
+            problems.push(e.to_string());
+        }
+    }
+    if let Err(e) = tls::client_config(&config) {
+        problems.push(e.to_string());
+    }
+    if !problems.is_empty() {
+        eprintln!("{}: {} problem(s)", path.display(), problems.len());
+        for p in problems {
+            eprintln!("  {}: {p}", path.display());
+        }
+        return ExitCode::FAILURE;
+    }
+    let note = if dev_pending { " (a self-signed dev certificate will be generated at start)" } else { "" };
+    println!(
+        "{}: ok: {} route(s), {} region(s){note}",
+        path.display(),
+        config.routes.len(),
+        config.regions.len()
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    init_logging(&args);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+        .and_then(|rt| rt.block_on(serve(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sigrelay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = Config::load(&args.config)?;
+    if let Some(listen) = args.listen {
+        config.server.listen = listen;
+    }
+    if tls::ensure_dev_cert(&config.server.cert, &config.server.key)? {
+        tracing::warn!(
+            cert = %config.server.cert.display(),
+            "GENERATED A SELF-SIGNED CERTIFICATE FOR localhost. Browsers will not trust it. \
+             For anything but local testing, set [server] cert and key to a real certificate."
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("sigrelay {} listening on {addr}", env!("CARGO_PKG_VERSION"));
+    sigrelay::run(config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutdown signal received; draining (send it again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("sigrelay: second signal, exiting now");
+        std::process::exit(130);
+    });
+}

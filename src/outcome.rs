@@ -1,0 +1,185 @@
+//! Outcome words, the side at fault, and the one place they map to HTTP statuses and close codes.
+
+use http::StatusCode;
+use serde::Serialize;
+
+/// One word saying how a handshake or a relayed connection ended. Written to records as
+/// snake_case; the README documents every value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Handshake: the connection is relayed. Never a close outcome.
+    Ok,
+    /// A plain (non-upgrade) request on a route: 426.
+    NotWebsocket,
+    /// No route for the path: 404.
+    NotFound,
+    /// Malformed upgrade, wrong method or version, absolute URI naming another host: 400.
+    BadRequest,
+    /// A region in the path or query that is not in the allow-list: 400.
+    BadRegion,
+    /// The token had expired and `reject_expired_tokens` is on: closed with 1008.
+    TokenExpired,
+    UpstreamDnsError,
+    UpstreamConnectError,
+    UpstreamTimeout,
+    UpstreamTlsError,
+    /// The gateway answered the upgrade with a non-101 status (see `upstream_status`).
+    UpstreamRejected,
+    /// The gateway broke the HTTP or WebSocket protocol.
+    UpstreamProtocolError,
+    /// The TLS handshake with the browser failed (including non-TLS bytes).
+    ClientTlsError,
+    /// The browser did not finish TLS and its request headers within `handshake_timeout`.
+    ClientTimeout,
+    /// The browser closed the connection before sending any request.
+    NoRequest,
+    /// The browser sent a close frame.
+    ClientClosed,
+    /// The gateway sent a close frame.
+    UpstreamClosed,
+    /// The browser's connection ended without a close frame.
+    ClientGone,
+    /// The gateway's connection ended without a close frame.
+    UpstreamGone,
+    /// A message exceeded `max_message_size`.
+    MessageTooBig,
+    /// The browser broke the WebSocket framing rules.
+    ClientProtocolError,
+    /// sigrelay was shutting down.
+    Shutdown,
+}
+
+impl Outcome {
+    /// The word as it appears in records and close reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::NotWebsocket => "not_websocket",
+            Outcome::NotFound => "not_found",
+            Outcome::BadRequest => "bad_request",
+            Outcome::BadRegion => "bad_region",
+            Outcome::TokenExpired => "token_expired",
+            Outcome::UpstreamDnsError => "upstream_dns_error",
+            Outcome::UpstreamConnectError => "upstream_connect_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::UpstreamTlsError => "upstream_tls_error",
+            Outcome::UpstreamRejected => "upstream_rejected",
+            Outcome::UpstreamProtocolError => "upstream_protocol_error",
+            Outcome::ClientTlsError => "client_tls_error",
+            Outcome::ClientTimeout => "client_timeout",
+            Outcome::NoRequest => "no_request",
+            Outcome::ClientClosed => "client_closed",
+            Outcome::UpstreamClosed => "upstream_closed",
+            Outcome::ClientGone => "client_gone",
+            Outcome::UpstreamGone => "upstream_gone",
+            Outcome::MessageTooBig => "message_too_big",
+            Outcome::ClientProtocolError => "client_protocol_error",
+            Outcome::Shutdown => "shutdown",
+        }
+    }
+
+    /// The HTTP status a handshake that failed before the upgrade answers with.
+    pub fn http_status(self) -> StatusCode {
+        match self {
+            Outcome::NotWebsocket => StatusCode::UPGRADE_REQUIRED,
+            Outcome::NotFound => StatusCode::NOT_FOUND,
+            Outcome::BadRequest | Outcome::BadRegion => StatusCode::BAD_REQUEST,
+            Outcome::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The close code the browser gets when the relay gives up on an accepted WebSocket before
+    /// relaying it. Browsers hide HTTP errors from scripts, so the code and the reason
+    /// `<outcome> conn=<id>` are all a page can learn.
+    pub fn client_close_code(self) -> u16 {
+        match self {
+            Outcome::TokenExpired => close_code::POLICY,
+            Outcome::Shutdown => close_code::RESTART,
+            _ => close_code::BAD_GATEWAY,
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which side of a relayed connection did something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Client,
+    Upstream,
+    Relay,
+}
+
+/// Close codes sigrelay sends itself.
+pub mod close_code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const RESTART: u16 = 1012;
+    pub const BAD_GATEWAY: u16 = 1014;
+}
+
+/// Why the relay ended a relayed connection, and so what it tells each side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// This side sent a close frame; it was forwarded as is.
+    Closed(Side),
+    /// This side's connection ended without a close frame.
+    Gone(Side),
+    /// This side sent a message over `max_message_size`.
+    TooBig(Side),
+    /// This side broke the framing rules.
+    ProtocolError(Side),
+    /// The relay is shutting down.
+    Shutdown,
+}
+
+impl Ending {
+    /// The close record's outcome.
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Ending::Closed(Side::Upstream) => Outcome::UpstreamClosed,
+            Ending::Closed(_) => Outcome::ClientClosed,
+            Ending::Gone(Side::Upstream) => Outcome::UpstreamGone,
+            Ending::Gone(_) => Outcome::ClientGone,
+            Ending::TooBig(_) => Outcome::MessageTooBig,
+            Ending::ProtocolError(Side::Upstream) => Outcome::UpstreamProtocolError,
+            Ending::ProtocolError(_) => Outcome::ClientProtocolError,
+            Ending::Shutdown => Outcome::Shutdown,
+        }
+    }
+
+    /// The close record's `closed_by`: who started the end.
+    pub fn closed_by(self) -> Side {
+        match self {
+            Ending::Closed(side) | Ending::Gone(side) => side,
+            Ending::TooBig(_) | Ending::ProtocolError(_) | Ending::Shutdown => Side::Relay,
+        }
+    }
+
+    /// The close code the relay itself sends to `to`, if it sends one (a forwarded close frame is
+    /// not the relay's own).
+    pub fn close_code_for(self, to: Side) -> Option<u16> {
+        use close_code::*;
+        match self {
+            Ending::Closed(_) => None,
+            Ending::Gone(side) if side == to => None,
+            Ending::Gone(Side::Upstream) => Some(BAD_GATEWAY),
+            Ending::Gone(_) => Some(GOING_AWAY),
+            Ending::TooBig(side) if side == to => Some(TOO_BIG),
+            Ending::ProtocolError(side) if side == to => Some(PROTOCOL),
+            // The browser learns that the gateway misbehaved; the gateway that the browser did.
+            Ending::ProtocolError(Side::Upstream) => Some(BAD_GATEWAY),
+            Ending::TooBig(_) | Ending::ProtocolError(_) => Some(GOING_AWAY),
+            Ending::Shutdown => Some(RESTART),
+        }
+    }
+}

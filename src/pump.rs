@@ -1,0 +1,535 @@
+//! The frame pump: moves WebSocket frames between the browser and the gateway as they arrived.
+//!
+//! Neither hop negotiates an extension, browser frames are already masked and gateway frames are
+//! not, so every frame is valid on the other hop unchanged. The pump reads only frame headers (to
+//! count messages, enforce `max_message_size`, validate framing and notice close frames) and
+//! copies bytes through a small fixed buffer per direction, so memory does not grow with message
+//! size and a slow reader slows its writer (`write_all` is awaited before the next read).
+//!
+//! It is generic over `AsyncRead`/`AsyncWrite`, so unit tests drive it with in-memory pipes.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{self, FrameError, OpCode};
+use crate::outcome::{Ending, Side};
+
+/// Bytes each direction reads at a time. Signalling messages are a few hundred bytes to a few
+/// KiB; larger ones stream through.
+pub const BUF_SIZE: usize = 4096;
+/// How long the second half of a close handshake may take, and how long a final write may block.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Messages and bytes relayed so far, shared with whoever reports on the connection.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub msgs_up: AtomicU64,
+    pub msgs_down: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, from: Side, msgs: u64, bytes: u64) {
+        let (m, b) = match from {
+            Side::Upstream => (&self.msgs_down, &self.bytes_down),
+            _ => (&self.msgs_up, &self.bytes_up),
+        };
+        if msgs > 0 {
+            m.fetch_add(msgs, Ordering::Relaxed);
+        }
+        b.fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PumpEnd {
+    pub ending: Ending,
+    /// The code of the close that ended it: the peer's own, or the one the relay sent.
+    pub close_code: Option<u16>,
+    pub close_reason: Option<String>,
+}
+
+/// Settings for one relayed connection.
+pub struct PumpOptions<'a> {
+    pub max_message_size: u64,
+    /// Written into the close reasons the relay sends: `<outcome> conn=<id>`.
+    pub conn_id: &'a str,
+}
+
+/// Relays until both directions have ended, or `shutdown` fires (then both sides get 1012).
+/// `initial` holds browser bytes already read (the first message), relayed first.
+pub async fn relay<CR, CW, UR, UW>(
+    client: (CR, CW),
+    upstream: (UR, UW),
+    initial: Vec<u8>,
+    opts: &PumpOptions<'_>,
+    counters: &Counters,
+    shutdown: &CancellationToken,
+) -> PumpEnd
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    UR: AsyncRead + Unpin,
+    UW: AsyncWrite + Unpin,
+{
+    let shared = Shared {
+        stop: CancellationToken::new(),
+        first: Mutex::new(None),
+        reason: OnceLock::new(),
+        finished: AtomicUsize::new(0),
+        conn_id: opts.conn_id,
+        counters,
+    };
+    let mut up = Direction::new(Side::Client, client.0, upstream.1, opts.max_message_size);
+    let mut down = Direction::new(Side::Upstream, upstream.0, client.1, opts.max_message_size);
+    let both = async {
+        tokio::join!(up.run_and_finish(&initial, &shared), down.run_and_finish(&[], &shared));
+    };
+    tokio::select! {
+        _ = both => {}
+        _ = async {
+            shutdown.cancelled().await;
+            shared.decide(Ending::Shutdown, None);
+            shared.stop.cancel();
+            std::future::pending::<()>().await
+        } => {}
+    }
+    let first = shared.first.lock().unwrap().take();
+    let (ending, peer_close) = first.unwrap_or((Ending::Shutdown, None));
+    let (close_code, close_reason) = match (ending, peer_close) {
+        (Ending::Closed(_), Some((code, reason))) => (code, Some(reason)),
+        _ => {
+            let code = ending.close_code_for(Side::Client).or(ending.close_code_for(Side::Upstream));
+            (code, code.map(|_| shared.reason(ending).to_string()))
+        }
+    };
+    PumpEnd { ending, close_code, close_reason }
+}
+
+type PeerClose = Option<(Option<u16>, String)>;
+
+/// State the two directions of one connection share (they run in the same task).
+struct Shared<'a> {
+    /// Cancelled once the connection is ending; each direction then stops reading.
+    stop: CancellationToken,
+    /// The first ending decided wins, with the peer's close code and reason when it sent one.
+    first: Mutex<Option<(Ending, PeerClose)>>,
+    reason: OnceLock<String>,
+    finished: AtomicUsize,
+    conn_id: &'a str,
+    counters: &'a Counters,
+}
+
+impl Shared<'_> {
+    fn decide(&self, ending: Ending, peer_close: PeerClose) {
+        let mut first = self.first.lock().unwrap();
+        if first.is_none() {
+            *first = Some((ending, peer_close));
+        }
+    }
+
+    fn ending(&self) -> Ending {
+        self.first.lock().unwrap().as_ref().map(|(e, _)| *e).unwrap_or(Ending::Shutdown)
+    }
+
+    fn reason(&self, ending: Ending) -> &str {
+        self.reason.get_or_init(|| format!("{} conn={}", ending.outcome(), self.conn_id))
+    }
+}
+
+/// Why one direction stopped.
+#[derive(Debug)]
+enum DirEnd {
+    /// The reading side's close frame was forwarded.
+    ForwardedClose(Option<u16>, String),
+    /// The reading side's stream ended or failed without a close frame.
+    ReadEnded,
+    /// The writing side could not take more bytes.
+    WriteFailed,
+    TooBig,
+    Protocol(FrameError),
+    /// The connection is ending for another reason.
+    Stopped,
+}
+
+/// What the scanner found that ends the direction.
+#[derive(Debug)]
+enum Stop {
+    Close(Option<u16>, String),
+    TooBig,
+    Protocol(FrameError),
+}
+
+/// Tracks framing across reads: where frames start, how far into a payload we are, and
+/// message boundaries.
+#[derive(Debug)]
+struct Scanner {
+    from: Side,
+    max_message_size: u64,
+    /// Payload bytes of the current data frame still to pass through.
+    remaining: u64,
+    /// Inside a fragmented message (a data frame without FIN was seen).
+    in_message: bool,
+    message_len: u64,
+    /// The current frame ends a message.
+    fin_pending: bool,
+    msgs: u64,
+}
+
+impl Scanner {
+    /// Walks `data`, returning how many bytes may be forwarded now and whether the direction
+    /// must stop after them. Bytes not consumed are an incomplete header or control frame.
+    fn scan(&mut self, data: &[u8]) -> (usize, Option<Stop>) {
+        let mut pos = 0;
+        while pos < data.len() {
+            if self.remaining > 0 {
+                let n = self.remaining.min((data.len() - pos) as u64);
+                pos += n as usize;
+                self.remaining -= n;
+                if self.remaining == 0 {
+                    self.end_frame();
+                }
+                continue;
+            }
+            let h = match frame::parse_header(&data[pos..]) {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
+                Err(e) => return (pos, Some(Stop::Protocol(e))),
+            };
+            // RFC 6455 §5.1: browsers mask every frame, servers none.
+            if (self.from == Side::Upstream) == h.mask.is_some() {
+                return (pos, Some(Stop::Protocol(FrameError::Masking)));
+            }
+            if h.opcode.is_control() {
+                let total = h.frame_len() as usize;
+                if data.len() - pos < total {
+                    break;
+                }
+                let start = pos;
+                pos += total;
+                if h.opcode == OpCode::Close {
+                    let mut payload = data[start + h.header_len..pos].to_vec();
+                    if let Some(key) = h.mask {
+                        frame::apply_mask(&mut payload, key, 0);
+                    }
+                    if payload.len() == 1 {
+                        return (start, Some(Stop::Protocol(FrameError::BadControlFrame)));
+                    }
+                    let (code, reason) = frame::parse_close_payload(&payload);
+                    return (pos, Some(Stop::Close(code, reason)));
+                }
+                continue;
+            }
+            let continuation = h.opcode == OpCode::Continuation;
+            if continuation != self.in_message {
+                return (pos, Some(Stop::Protocol(FrameError::Sequence)));
+            }
+            self.message_len = if continuation { self.message_len + h.payload_len } else { h.payload_len };
+            if self.message_len > self.max_message_size {
+                return (pos, Some(Stop::TooBig));
+            }
+            self.in_message = !h.fin;
+            self.fin_pending = h.fin;
+            pos += h.header_len;
+            self.remaining = h.payload_len;
+            if self.remaining == 0 {
+                self.end_frame();
+            }
+        }
+        (pos, None)
+    }
+
+    fn end_frame(&mut self) {
+        if self.fin_pending {
+            self.msgs += 1;
+            self.fin_pending = false;
+        }
+    }
+}
+
+/// One direction: reads frames from one side and writes them to the other.
+struct Direction<R, W> {
+    to: Side,
+    reader: R,
+    writer: W,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    scanner: Scanner,
+    /// The last write stopped part-way through, so nothing more can be framed on this writer.
+    write_torn: bool,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
+    fn new(from: Side, reader: R, writer: W, max_message_size: u64) -> Self {
+        let to = if from == Side::Client { Side::Upstream } else { Side::Client };
+        Direction {
+            to,
+            reader,
+            writer,
+            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            scanner: Scanner {
+                from,
+                max_message_size,
+                remaining: 0,
+                in_message: false,
+                message_len: 0,
+                fin_pending: false,
+                msgs: 0,
+            },
+            write_torn: false,
+        }
+    }
+
+    async fn run_and_finish(&mut self, initial: &[u8], shared: &Shared<'_>) {
+        let end = self.run(initial, shared).await;
+        let from = self.scanner.from;
+        let second = shared.finished.fetch_add(1, Ordering::SeqCst) == 1;
+        match end {
+            DirEnd::ForwardedClose(code, reason) => {
+                shared.decide(Ending::Closed(from), Some((code, reason)));
+                // The other side now answers with its own close; give it time to arrive.
+                if !second {
+                    tokio::select! {
+                        _ = tokio::time::sleep(CLOSE_GRACE) => {}
+                        _ = shared.stop.cancelled() => {}
+                    }
+                }
+            }
+            DirEnd::ReadEnded => shared.decide(Ending::Gone(from), None),
+            DirEnd::WriteFailed => shared.decide(Ending::Gone(self.to), None),
+            DirEnd::TooBig => shared.decide(Ending::TooBig(from), None),
+            DirEnd::Protocol(e) => {
+                tracing::debug!(side = ?from, error = %e, "framing error");
+                shared.decide(Ending::ProtocolError(from), None)
+            }
+            DirEnd::Stopped => {}
+        }
+        shared.stop.cancel();
+        self.finish(shared).await;
+    }
+
+    /// Sends the relay's own close frame to this direction's writer, if the ending calls for one
+    /// and the writer is at a frame boundary, then shuts the writer down.
+    async fn finish(&mut self, shared: &Shared<'_>) {
+        let ending = shared.ending();
+        if let Some(code) = ending.close_code_for(self.to) {
+            if self.scanner.remaining == 0 && !self.write_torn {
+                let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
+                let frame = frame::close_frame(code, shared.reason(ending), mask);
+                let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.write_all(&frame)).await;
+            }
+        }
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.shutdown()).await;
+    }
+
+    async fn run(&mut self, initial: &[u8], shared: &Shared<'_>) -> DirEnd {
+        if !initial.is_empty() {
+            let (n, stop) = self.scanner.scan(initial);
+            if let Some(end) = self.forward(initial, n, stop, shared).await {
+                return end;
+            }
+            let rest = &initial[n..];
+            self.buf[..rest.len()].copy_from_slice(rest);
+            self.end = rest.len();
+        }
+        loop {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let read = tokio::select! {
+                r = self.reader.read(&mut self.buf[self.end..]) => r,
+                _ = shared.stop.cancelled() => return DirEnd::Stopped,
+            };
+            match read {
+                Ok(0) | Err(_) => return DirEnd::ReadEnded,
+                Ok(n) => self.end += n,
+            }
+            let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
+            let chunk = std::mem::take(&mut self.buf);
+            let result = self.forward(&chunk[self.start..self.end], n, stop, shared).await;
+            self.buf = chunk;
+            self.start += n;
+            if let Some(end) = result {
+                return end;
+            }
+        }
+    }
+
+    /// Writes the first `n` bytes of `data` to the other side and accounts for them.
+    async fn forward(&mut self, data: &[u8], n: usize, stop: Option<Stop>, shared: &Shared<'_>) -> Option<DirEnd> {
+        if n > 0 {
+            let write = tokio::select! {
+                r = self.writer.write_all(&data[..n]) => r,
+                _ = shared.stop.cancelled() => {
+                    self.write_torn = true;
+                    return Some(DirEnd::Stopped);
+                }
+            };
+            if write.is_err() {
+                self.write_torn = true;
+                return Some(DirEnd::WriteFailed);
+            }
+            let msgs = std::mem::take(&mut self.scanner.msgs);
+            shared.counters.add(self.scanner.from, msgs, n as u64);
+        }
+        if let Err(_) = self.writer.flush().await {
+            return Some(DirEnd::WriteFailed);
+        }
+        stop.map(|s| match s {
+            Stop::Close(code, reason) => DirEnd::ForwardedClose(code, reason),
+            Stop::TooBig => DirEnd::TooBig,
+            Stop::Protocol(e) => DirEnd::Protocol(e),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{close_frame, encode_frame};
+    use tokio::io::{duplex, split, DuplexStream};
+
+    struct Harness {
+        browser: DuplexStream,
+        gateway: DuplexStream,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<(PumpEnd, [u64; 4])>,
+    }
+
+    fn start(initial: Vec<u8>, max: u64) -> Harness {
+        let (browser, relay_client) = duplex(64 * 1024);
+        let (gateway, relay_up) = duplex(64 * 1024);
+        let shutdown = CancellationToken::new();
+        let sd = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let counters = Counters::default();
+            let opts = PumpOptions { max_message_size: max, conn_id: "C1" };
+            let end = relay(split(relay_client), split(relay_up), initial, &opts, &counters, &sd).await;
+            let c = [&counters.msgs_up, &counters.msgs_down, &counters.bytes_up, &counters.bytes_down]
+                .map(|a| a.load(Ordering::Relaxed));
+            (end, c)
+        });
+        Harness { browser, gateway, shutdown, task }
+    }
+
+    fn text(payload: &str, mask: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_frame(&mut v, OpCode::Text, payload.as_bytes(), mask.then_some([9, 8, 7, 6]));
+        v
+    }
+
+    async fn read_exact(s: &mut DuplexStream, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        s.read_exact(&mut v).await.unwrap();
+        v
+    }
+
+    async fn read_to_end(s: &mut DuplexStream) -> Vec<u8> {
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).await.unwrap();
+        v
+    }
+
+    #[tokio::test]
+    async fn forwards_frames_unchanged_and_propagates_close() {
+        let first = text("hello", true);
+        let mut h = start(first.clone(), 1 << 20);
+        assert_eq!(read_exact(&mut h.gateway, first.len()).await, first);
+        let reply = text("welcome", false);
+        h.gateway.write_all(&reply).await.unwrap();
+        assert_eq!(read_exact(&mut h.browser, reply.len()).await, reply);
+        // A fragmented message with a ping in the middle, split across writes at odd places.
+        let mut frag = Vec::new();
+        let mut f1 = Vec::new();
+        encode_frame(&mut f1, OpCode::Text, b"ab", Some([1, 1, 1, 1]));
+        f1[0] &= 0x7F; // no FIN
+        frag.extend_from_slice(&f1);
+        encode_frame(&mut frag, OpCode::Ping, b"p", Some([2, 2, 2, 2]));
+        encode_frame(&mut frag, OpCode::Continuation, b"cd", Some([3, 3, 3, 3]));
+        for b in frag.chunks(3) {
+            h.browser.write_all(b).await.unwrap();
+        }
+        assert_eq!(read_exact(&mut h.gateway, frag.len()).await, frag);
+        let close = close_frame(1000, "bye", Some([4, 4, 4, 4]));
+        h.browser.write_all(&close).await.unwrap();
+        assert_eq!(read_exact(&mut h.gateway, close.len()).await, close);
+        let answer = close_frame(1000, "bye", None);
+        h.gateway.write_all(&answer).await.unwrap();
+        assert_eq!(read_exact(&mut h.browser, answer.len()).await, answer);
+        let (end, c) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::Closed(Side::Client));
+        assert_eq!(end.close_code, Some(1000));
+        assert_eq!(end.close_reason.as_deref(), Some("bye"));
+        assert_eq!(c[0], 2, "hello and the fragmented message");
+        assert_eq!(c[1], 1);
+        assert_eq!(c[2], (first.len() + frag.len() + close.len()) as u64);
+    }
+
+    #[tokio::test]
+    async fn oversized_message_gets_1009_to_sender_and_1001_to_the_other() {
+        let mut h = start(Vec::new(), 2048);
+        let mut big = Vec::new();
+        encode_frame(&mut big, OpCode::Binary, &[0u8; 4096], Some([1, 2, 3, 4]));
+        h.browser.write_all(&big).await.unwrap();
+        let to_browser = read_to_end(&mut h.browser).await;
+        let to_gateway = read_to_end(&mut h.gateway).await;
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::TooBig(Side::Client));
+        let code = |f: &[u8]| {
+            let hd = frame::parse_header(f).unwrap().unwrap();
+            let mut p = f[hd.header_len..hd.frame_len() as usize].to_vec();
+            if let Some(k) = hd.mask {
+                frame::apply_mask(&mut p, k, 0);
+            }
+            frame::parse_close_payload(&p)
+        };
+        assert_eq!(code(&to_browser), (Some(1009), "message_too_big conn=C1".into()));
+        assert_eq!(code(&to_gateway).0, Some(1001));
+        assert!(frame::parse_header(&to_gateway).unwrap().unwrap().mask.is_some(), "relay masks toward the gateway");
+    }
+
+    #[tokio::test]
+    async fn gateway_vanishing_gives_the_browser_1014() {
+        let h = start(Vec::new(), 1 << 20);
+        let Harness { mut browser, gateway, task, .. } = h;
+        drop(gateway);
+        let to_browser = read_to_end(&mut browser).await;
+        let (end, _) = task.await.unwrap();
+        assert_eq!(end.ending, Ending::Gone(Side::Upstream));
+        assert_eq!(end.close_code, Some(1014));
+        assert_eq!(&to_browser[2..4], &1014u16.to_be_bytes());
+        assert_eq!(&to_browser[4..], b"upstream_gone conn=C1");
+    }
+
+    #[tokio::test]
+    async fn unmasked_browser_frame_is_a_protocol_error() {
+        let mut h = start(text("x", false), 1 << 20);
+        let to_browser = read_to_end(&mut h.browser).await;
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
+        assert_eq!(&to_browser[2..4], &1002u16.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_1012_both_ways() {
+        let mut h = start(Vec::new(), 1 << 20);
+        h.shutdown.cancel();
+        let to_browser = read_to_end(&mut h.browser).await;
+        let to_gateway = read_to_end(&mut h.gateway).await;
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::Shutdown);
+        assert_eq!(&to_browser[2..4], &1012u16.to_be_bytes());
+        assert_eq!(to_gateway[1] & 0x80, 0x80);
+    }
+}

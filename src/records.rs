@@ -1,0 +1,167 @@
+//! Handshake and close records: flat JSON objects, one per line, on stdout.
+//!
+//! Records go through an unbounded channel to a writer thread, so a slow stdout consumer never
+//! stalls a connection and no record is dropped; `Records::flush_and_close` waits for the writer
+//! at shutdown.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::outcome::{Outcome, Side};
+
+/// Everything one handshake record says. Unknown values are written as `null`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HandshakeRecord {
+    pub ts: String,
+    pub event: &'static str,
+    pub conn_id: String,
+    pub client_addr: Option<SocketAddr>,
+    pub sni: Option<String>,
+    pub path: Option<String>,
+    pub origin: Option<String>,
+    pub user_agent: Option<String>,
+    pub route: Option<String>,
+    pub region: Option<String>,
+    pub region_source: Option<&'static str>,
+    pub token_present: bool,
+    pub token_region: Option<String>,
+    pub token_exp: Option<i64>,
+    pub token_expired: Option<bool>,
+    pub region_mismatch: Option<bool>,
+    pub upstream_url: Option<String>,
+    pub upstream_addr: Option<SocketAddr>,
+    pub upstream_status: Option<u16>,
+    pub outcome: Option<Outcome>,
+    pub error: Option<String>,
+    pub tls_ms: Option<f64>,
+    pub upstream_dns_ms: Option<f64>,
+    pub upstream_connect_ms: Option<f64>,
+    pub upstream_tls_ms: Option<f64>,
+    pub upstream_ws_ms: Option<f64>,
+    pub total_ms: Option<f64>,
+}
+
+impl HandshakeRecord {
+    /// A record for a new connection attempt.
+    pub fn new(conn_id: String, client_addr: SocketAddr, sni: Option<String>) -> Self {
+        HandshakeRecord {
+            event: "handshake",
+            conn_id,
+            client_addr: Some(client_addr),
+            sni,
+            ..Default::default()
+        }
+    }
+}
+
+/// The record written when a relayed connection ends.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CloseRecord {
+    pub ts: String,
+    pub event: &'static str,
+    pub conn_id: String,
+    pub client_addr: Option<SocketAddr>,
+    pub route: Option<String>,
+    pub region: Option<String>,
+    pub upstream_url: Option<String>,
+    pub outcome: Option<Outcome>,
+    pub duration_ms: f64,
+    pub closed_by: Option<Side>,
+    pub close_code: Option<u16>,
+    pub close_reason: Option<String>,
+    pub msgs_up: u64,
+    pub msgs_down: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+}
+
+/// Milliseconds with microsecond precision, as records carry them.
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+/// A cloneable handle that writes records.
+#[derive(Clone, Debug)]
+pub struct Records {
+    tx: mpsc::UnboundedSender<String>,
+}
+
+/// Waits for every record sent before it to be written.
+pub struct RecordsWriter {
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Records {
+    /// Records written as lines to stdout by a dedicated thread.
+    pub fn stdout() -> (Records, RecordsWriter) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let thread = std::thread::Builder::new()
+            .name("sigrelay-records".into())
+            .spawn(move || {
+                let stdout = std::io::stdout();
+                let mut out = std::io::BufWriter::new(stdout.lock());
+                while let Some(line) = rx.blocking_recv() {
+                    let mut ok = writeln!(out, "{line}").is_ok();
+                    while let Ok(line) = rx.try_recv() {
+                        ok &= writeln!(out, "{line}").is_ok();
+                    }
+                    ok &= out.flush().is_ok();
+                    if !ok {
+                        // Records are the product; losing them silently is not an option.
+                        tracing::error!("cannot write records to stdout; records are being lost");
+                    }
+                }
+            })
+            .expect("spawning the records thread");
+        (Records { tx }, RecordsWriter { thread: Some(thread) })
+    }
+
+    /// Records delivered as JSON lines on a channel (for tests and embedding).
+    pub fn channel() -> (Records, mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Records { tx }, rx)
+    }
+
+    /// Writes a handshake record, stamping its time.
+    pub fn handshake(&self, mut record: HandshakeRecord) {
+        record.ts = now_rfc3339();
+        self.send(&record);
+    }
+
+    /// Writes a close record, stamping its time.
+    pub fn close(&self, mut record: CloseRecord) {
+        record.event = "close";
+        record.ts = now_rfc3339();
+        self.send(&record);
+    }
+
+    fn send<T: Serialize>(&self, record: &T) {
+        match serde_json::to_string(record) {
+            Ok(line) => {
+                if self.tx.send(line).is_err() {
+                    tracing::error!("records writer is gone; a record was lost");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot serialize a record"),
+        }
+    }
+}
+
+impl RecordsWriter {
+    /// Waits until every record sent so far is written. Call after the last `Records` clone is
+    /// dropped, or it waits forever.
+    pub fn finish(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Now, as RFC 3339 in UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

@@ -1,0 +1,245 @@
+//! One relayed WebSocket, after the browser got its 101: read the first message (for the
+//! token), pick the region, connect to the gateway, write the handshake record, run the frame
+//! pump, write the close record.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::frame::{self, OpCode};
+use crate::outcome::{Outcome, Side};
+use crate::pump::{self, Counters, PumpOptions};
+use crate::records::{millis, CloseRecord, HandshakeRecord};
+use crate::registry::LiveConn;
+use crate::routing::{Chosen, RouteEntry};
+use crate::token::{self, TokenInfo};
+use crate::upstream::{Connected, ForwardHeaders, Timings, UpstreamError};
+use crate::App;
+
+/// The first message is scanned for a token only if it is at most this long; the SDK's hello
+/// and connect messages are far smaller.
+const FIRST_MESSAGE_SCAN_LIMIT: usize = 64 * 1024;
+
+/// What the handshake learned before the 101, handed to the session.
+pub struct Session {
+    pub record: HandshakeRecord,
+    pub route: usize,
+    pub path_region: Option<String>,
+    pub query_region: Option<String>,
+    pub headers: ForwardHeaders,
+    /// When the request arrived; `total_ms` counts from here.
+    pub started: Instant,
+}
+
+/// Runs one relayed connection to its end. Every path writes exactly one handshake record.
+pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
+    let span = tracing::info_span!("ws", conn_id = %s.record.conn_id, route = s.record.route.as_deref().unwrap_or(""));
+    async move {
+        let client = match upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                s.record.outcome = Some(Outcome::ClientGone);
+                s.record.error = Some(format!("upgrade failed: {e}"));
+                s.record.total_ms = Some(millis(s.started.elapsed()));
+                app.records.handshake(s.record);
+                return;
+            }
+        };
+        let shutdown = app.shutdown.close.clone();
+        tokio::select! {
+            _ = connect_and_relay(&app, client, &mut s) => {}
+            _ = shutdown.cancelled() => {
+                // Only reached while still connecting: the pump handles shutdown itself.
+                s.record.outcome = Some(Outcome::Shutdown);
+                s.record.total_ms = Some(millis(s.started.elapsed()));
+                app.records.handshake(s.record);
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn connect_and_relay(app: &Arc<App>, mut client: TokioIo<hyper::upgrade::Upgraded>, s: &mut Session) {
+    let entry = app.router.entry(s.route);
+    let server = &app.config.server;
+    let (path_region, query_region) = (s.path_region.as_deref(), s.query_region.as_deref());
+    let mut timings = Timings::default();
+
+    // Connect at once when the path or query already chose the region; otherwise the token in
+    // the first message decides, so wait for it.
+    let early = entry.choose(path_region, query_region, None).filter(|_| !server.reject_expired_tokens);
+    let (first, chosen, upstream) = match early {
+        Some(chosen) => {
+            let target = entry.target(&chosen.region).expect("chosen regions are allowed");
+            let (first, upstream) = tokio::join!(
+                read_first_message(&mut client, server.first_message_timeout),
+                app.connector.connect(&target, &s.headers, &mut timings),
+            );
+            (first, chosen, upstream)
+        }
+        None => {
+            let first = read_first_message(&mut client, server.first_message_timeout).await;
+            let token_region = first.token.as_ref().and_then(|t| t.region.as_deref());
+            let chosen = entry.choose(path_region, query_region, Some(token_region)).expect("token is known");
+            fill_token(&mut s.record, &first, entry, &chosen);
+            if server.reject_expired_tokens && s.record.token_expired == Some(true) {
+                fail(app, client, s, Outcome::TokenExpired, "token has expired".into()).await;
+                return;
+            }
+            let target = entry.target(&chosen.region).expect("chosen regions are allowed");
+            let upstream = app.connector.connect(&target, &s.headers, &mut timings).await;
+            (first, chosen, upstream)
+        }
+    };
+    fill_token(&mut s.record, &first, entry, &chosen);
+    let r = &mut s.record;
+    r.upstream_dns_ms = timings.dns.map(millis);
+    r.upstream_connect_ms = timings.connect.map(millis);
+    r.upstream_tls_ms = timings.tls.map(millis);
+    r.upstream_ws_ms = timings.websocket.map(millis);
+    let upstream = match upstream {
+        Ok(c) => c,
+        Err(e) => {
+            if let UpstreamError::Rejected { status } = e {
+                s.record.upstream_status = Some(status);
+            }
+            tracing::info!(error = %e, "gateway unreachable");
+            fail(app, client, s, e.outcome(), e.to_string()).await;
+            return;
+        }
+    };
+    relay(app, client, upstream, first.bytes, s).await;
+}
+
+/// Records how the token routed the connection.
+fn fill_token(r: &mut HandshakeRecord, first: &FirstMessage, entry: &RouteEntry, chosen: &Chosen) {
+    r.region = Some(chosen.region.clone());
+    r.region_source = Some(chosen.source.as_str());
+    r.upstream_url = entry.target(&chosen.region).map(|t| t.url.clone());
+    r.token_present = first.token_found;
+    if let Some(t) = &first.token {
+        // A token region is attacker-controlled text; keep it short in records.
+        r.token_region = t.region.as_ref().map(|s| s.chars().take(32).collect());
+        r.token_exp = t.exp;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+        r.token_expired = t.exp.map(|_| t.expired_at(now));
+    }
+    r.region_mismatch = entry.region_mismatch(first.token.as_ref().and_then(|t| t.region.as_deref()), &chosen.region);
+}
+
+/// Ends an accepted WebSocket that will not be relayed: a record, then a close frame saying why.
+async fn fail<S: AsyncWrite + Unpin>(app: &App, mut client: S, s: &mut Session, outcome: Outcome, error: String) {
+    let r = &mut s.record;
+    r.outcome = Some(outcome);
+    r.error = Some(error);
+    r.total_ms = Some(millis(s.started.elapsed()));
+    let reason = format!("{outcome} conn={}", r.conn_id);
+    app.records.handshake(std::mem::take(r));
+    let frame = frame::close_frame(outcome.client_close_code(), &reason, None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        client.write_all(&frame).await?;
+        client.shutdown().await
+    })
+    .await;
+}
+
+async fn relay(app: &Arc<App>, client: TokioIo<hyper::upgrade::Upgraded>, upstream: Connected, first: Vec<u8>, s: &mut Session) {
+    let r = &mut s.record;
+    r.upstream_addr = Some(upstream.addr);
+    r.upstream_status = Some(upstream.status);
+    r.outcome = Some(Outcome::Ok);
+    r.total_ms = Some(millis(s.started.elapsed()));
+    let record = std::mem::take(r);
+    let mut close = CloseRecord {
+        conn_id: record.conn_id.clone(),
+        client_addr: record.client_addr,
+        route: record.route.clone(),
+        region: record.region.clone(),
+        upstream_url: record.upstream_url.clone(),
+        ..Default::default()
+    };
+    app.records.handshake(record);
+
+    let counters = Arc::new(Counters::default());
+    let _live = app.registry.insert(LiveConn {
+        conn_id: close.conn_id.clone(),
+        client_addr: close.client_addr,
+        route: close.route.clone(),
+        region: close.region.clone(),
+        upstream: close.upstream_url.clone(),
+        started: Instant::now(),
+        counters: counters.clone(),
+    });
+    let relayed_at = Instant::now();
+    let opts = PumpOptions { max_message_size: app.config.server.max_message_size, conn_id: &close.conn_id };
+    let end = pump::relay(
+        tokio::io::split(client),
+        tokio::io::split(upstream.io),
+        first,
+        &opts,
+        &counters,
+        &app.shutdown.close,
+    )
+    .await;
+    tracing::debug!(outcome = %end.ending.outcome(), "relay ended");
+    close.outcome = Some(end.ending.outcome());
+    close.closed_by = Some(end.ending.closed_by());
+    close.close_code = end.close_code;
+    close.close_reason = end.close_reason;
+    close.duration_ms = millis(relayed_at.elapsed());
+    close.msgs_up = counters.msgs_up.load(std::sync::atomic::Ordering::Relaxed);
+    close.msgs_down = counters.msgs_down.load(std::sync::atomic::Ordering::Relaxed);
+    close.bytes_up = counters.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
+    close.bytes_down = counters.bytes_down.load(std::sync::atomic::Ordering::Relaxed);
+    app.records.close(close);
+    let _ = Side::Relay;
+}
+
+/// The browser's first message as far as it was read.
+pub struct FirstMessage {
+    /// Every byte read so far (the first frame and possibly more); relayed unchanged.
+    pub bytes: Vec<u8>,
+    /// Whether the first message held a token at `$.body.token` or `$.token`.
+    pub token_found: bool,
+    /// The token's decoded header and payload, when it could be read.
+    pub token: Option<TokenInfo>,
+}
+
+/// Reads until the first frame is complete, the stream ends, or `timeout` passes.
+pub async fn read_first_message<S: AsyncRead + Unpin>(io: &mut S, timeout: Duration) -> FirstMessage {
+    let deadline = Instant::now() + timeout;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 2048];
+    loop {
+        match frame::parse_header(&bytes) {
+            Ok(Some(h)) => {
+                let len = h.frame_len();
+                if h.opcode != OpCode::Text || !h.fin || len > FIRST_MESSAGE_SCAN_LIMIT as u64 {
+                    break;
+                }
+                if bytes.len() as u64 >= len {
+                    let mut payload = bytes[h.header_len..len as usize].to_vec();
+                    if let Some(key) = h.mask {
+                        frame::apply_mask(&mut payload, key, 0);
+                    }
+                    let found = token::find_token(&payload);
+                    let info = found.as_deref().and_then(|t| token::decode(t).ok());
+                    return FirstMessage { bytes, token_found: found.is_some(), token: info };
+                }
+            }
+            Ok(None) => {}
+            Err(_) => break,
+        }
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => bytes.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    FirstMessage { bytes, token_found: false, token: None }
+}
