@@ -106,8 +106,12 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
                 }
                 Outcome::BadRequest if refusal.why == WRONG_VERSION => {
                     resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                _ => {}
+                _ => {
+                    // A refused upgrade attempt has no reason to keep its connection.
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
             }
             app.records.handshake(record);
             return Ok(resp);

@@ -30,6 +30,28 @@ enum Command {
         #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
         config: PathBuf,
     },
+    /// Run a stand-in for Twilio's gateways, to try or load-test a relay without Twilio.
+    MockGateway(MockArgs),
+}
+
+#[derive(Args)]
+struct MockArgs {
+    /// Listen address; port 0 picks a free port. The bound address is the first line on stdout.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    listen: SocketAddr,
+    /// Certificate chain (PEM). Without --cert/--key a throwaway CA and a certificate for the
+    /// Twilio host names are made, and the CA is written out for sigrelay's `ca_file`.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Where to write the throwaway CA (default: a new directory under the system temp dir).
+    #[arg(long, conflicts_with = "cert")]
+    ca_out: Option<PathBuf>,
+    /// `twilio` answers like Twilio's gateways; `echo` sends every message back.
+    #[arg(long, value_enum, default_value_t = sigrelay::mock_gateway::Mode::Twilio)]
+    mode: sigrelay::mock_gateway::Mode,
 }
 
 #[derive(Args)]
@@ -59,6 +81,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { config }) => check_config(&config),
         Some(Command::Run(args)) => run(args),
+        Some(Command::MockGateway(args)) => match mock_gateway(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sigrelay mock-gateway: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         None => run(cli.run),
     }
 }
@@ -166,4 +195,47 @@ async fn shutdown_signal() {
         eprintln!("sigrelay: second signal, exiting now");
         std::process::exit(130);
     });
+}
+
+fn mock_gateway(args: MockArgs) -> anyhow::Result<()> {
+    use sigrelay::mock_gateway::{self, Events};
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
+    let (certs, key) = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => (tls::load_certs("--cert", cert)?, tls::load_key("--key", key)?),
+        _ => {
+            let ca = sigrelay::pki::TestCa::new("sigrelay mock-gateway CA")?;
+            let leaf = ca.leaf(&sigrelay::pki::twilio_names())?;
+            let ca_path = match args.ca_out.clone() {
+                Some(p) => p,
+                None => {
+                    let dir = std::env::temp_dir().join(format!("sigrelay-mock-gateway-{}", std::process::id()));
+                    std::fs::create_dir_all(&dir)?;
+                    dir.join("ca.pem")
+                }
+            };
+            std::fs::write(&ca_path, &ca.cert_pem).with_context(|| format!("writing {}", ca_path.display()))?;
+            eprintln!("mock-gateway: wrote its CA to {}; set [upstream] ca_file to it", ca_path.display());
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+            (certs, key)
+        }
+    };
+    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        println!("{}", listener.local_addr()?);
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        mock_gateway::serve(listener, std::sync::Arc::new(tls), args.mode, Events::Stdout, shutdown).await;
+        anyhow::Ok(())
+    })
 }

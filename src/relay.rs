@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::frame::{self, OpCode};
-use crate::outcome::{Outcome, Side};
+use crate::outcome::Outcome;
 use crate::pump::{self, Counters, PumpOptions};
 use crate::records::{millis, CloseRecord, HandshakeRecord};
 use crate::registry::LiveConn;
@@ -50,22 +50,30 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
                 return;
             }
         };
+        let mut client = client;
         let shutdown = app.shutdown.close.clone();
-        tokio::select! {
-            _ = connect_and_relay(&app, client, &mut s) => {}
-            _ = shutdown.cancelled() => {
-                // Only reached while still connecting: the pump handles shutdown itself.
-                s.record.outcome = Some(Outcome::Shutdown);
-                s.record.total_ms = Some(millis(s.started.elapsed()));
-                app.records.handshake(s.record);
-            }
+        let connected = tokio::select! {
+            c = connect(&app, &mut client, &mut s) => Some(c),
+            _ = shutdown.cancelled() => None,
+        };
+        match connected {
+            Some(Some((upstream, first))) => relay(&app, client, upstream, first, &mut s).await,
+            Some(None) => {}
+            // The pump watches for shutdown itself; this is only the connecting phase.
+            None => fail(&app, &mut client, &mut s, Outcome::Shutdown, "relay is shutting down".into()).await,
         }
     }
     .instrument(span)
     .await
 }
 
-async fn connect_and_relay(app: &Arc<App>, mut client: TokioIo<hyper::upgrade::Upgraded>, s: &mut Session) {
+/// Reads the first message and connects upstream. On failure the record is written and the
+/// browser closed, and `None` is returned.
+async fn connect(
+    app: &Arc<App>,
+    client: &mut TokioIo<hyper::upgrade::Upgraded>,
+    s: &mut Session,
+) -> Option<(Connected, FirstMessage)> {
     let entry = app.router.entry(s.route);
     let server = &app.config.server;
     let (path_region, query_region) = (s.path_region.as_deref(), s.query_region.as_deref());
@@ -78,19 +86,19 @@ async fn connect_and_relay(app: &Arc<App>, mut client: TokioIo<hyper::upgrade::U
         Some(chosen) => {
             let target = entry.target(&chosen.region).expect("chosen regions are allowed");
             let (first, upstream) = tokio::join!(
-                read_first_message(&mut client, server.first_message_timeout),
+                read_first_message(client, server.first_message_timeout),
                 app.connector.connect(&target, &s.headers, &mut timings),
             );
             (first, chosen, upstream)
         }
         None => {
-            let first = read_first_message(&mut client, server.first_message_timeout).await;
+            let first = read_first_message(client, server.first_message_timeout).await;
             let token_region = first.token.as_ref().and_then(|t| t.region.as_deref());
             let chosen = entry.choose(path_region, query_region, Some(token_region)).expect("token is known");
             fill_token(&mut s.record, &first, entry, &chosen);
             if server.reject_expired_tokens && s.record.token_expired == Some(true) {
                 fail(app, client, s, Outcome::TokenExpired, "token has expired".into()).await;
-                return;
+                return None;
             }
             let target = entry.target(&chosen.region).expect("chosen regions are allowed");
             let upstream = app.connector.connect(&target, &s.headers, &mut timings).await;
@@ -111,10 +119,10 @@ async fn connect_and_relay(app: &Arc<App>, mut client: TokioIo<hyper::upgrade::U
             }
             tracing::info!(error = %e, "gateway unreachable");
             fail(app, client, s, e.outcome(), e.to_string()).await;
-            return;
+            return None;
         }
     };
-    relay(app, client, upstream, first.bytes, s).await;
+    Some((upstream, first))
 }
 
 /// Records how the token routed the connection.
@@ -134,7 +142,7 @@ fn fill_token(r: &mut HandshakeRecord, first: &FirstMessage, entry: &RouteEntry,
 }
 
 /// Ends an accepted WebSocket that will not be relayed: a record, then a close frame saying why.
-async fn fail<S: AsyncWrite + Unpin>(app: &App, mut client: S, s: &mut Session, outcome: Outcome, error: String) {
+async fn fail<S: AsyncWrite + Unpin>(app: &App, client: &mut S, s: &mut Session, outcome: Outcome, error: String) {
     let r = &mut s.record;
     r.outcome = Some(outcome);
     r.error = Some(error);
@@ -149,7 +157,13 @@ async fn fail<S: AsyncWrite + Unpin>(app: &App, mut client: S, s: &mut Session, 
     .await;
 }
 
-async fn relay(app: &Arc<App>, client: TokioIo<hyper::upgrade::Upgraded>, upstream: Connected, first: Vec<u8>, s: &mut Session) {
+async fn relay(
+    app: &Arc<App>,
+    client: TokioIo<hyper::upgrade::Upgraded>,
+    upstream: Connected,
+    first: FirstMessage,
+    s: &mut Session,
+) {
     let r = &mut s.record;
     r.upstream_addr = Some(upstream.addr);
     r.upstream_status = Some(upstream.status);
@@ -181,7 +195,7 @@ async fn relay(app: &Arc<App>, client: TokioIo<hyper::upgrade::Upgraded>, upstre
     let end = pump::relay(
         tokio::io::split(client),
         tokio::io::split(upstream.io),
-        first,
+        first.bytes,
         &opts,
         &counters,
         &app.shutdown.close,
@@ -198,7 +212,6 @@ async fn relay(app: &Arc<App>, client: TokioIo<hyper::upgrade::Upgraded>, upstre
     close.bytes_up = counters.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
     close.bytes_down = counters.bytes_down.load(std::sync::atomic::Ordering::Relaxed);
     app.records.close(close);
-    let _ = Side::Relay;
 }
 
 /// The browser's first message as far as it was read.

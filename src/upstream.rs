@@ -232,13 +232,19 @@ where
 
     let conn = conn.with_upgrades();
     tokio::pin!(conn);
-    let resp = tokio::select! {
-        r = sender.send_request(req) => r.map_err(protocol)?,
-        r = &mut conn => {
-            return Err(UpstreamError::Protocol(match r {
-                Ok(()) => "connection closed before a response".into(),
-                Err(e) => e.to_string(),
-            }));
+    let send = sender.send_request(req);
+    tokio::pin!(send);
+    // On a 101 the connection future finishes (handing its IO to the upgrade) in the same wake
+    // as the response arrives, so its finishing first is not an early close.
+    let mut conn_done = false;
+    let resp = loop {
+        tokio::select! {
+            biased;
+            r = &mut send => break r.map_err(protocol)?,
+            r = &mut conn, if !conn_done => {
+                r.map_err(protocol)?;
+                conn_done = true;
+            }
         }
     };
     let status = resp.status().as_u16();
@@ -258,7 +264,11 @@ where
     if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
         return Err(UpstreamError::Protocol("gateway chose an extension that was not offered".into()));
     }
-    let (upgraded, _) = tokio::join!(hyper::upgrade::on(resp), conn);
+    let upgraded = if conn_done {
+        hyper::upgrade::on(resp).await
+    } else {
+        tokio::join!(hyper::upgrade::on(resp), conn).0
+    };
     let upgraded = upgraded.map_err(protocol)?;
     Ok((TokioIo::new(upgraded), status))
 }

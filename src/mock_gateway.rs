@@ -1,0 +1,240 @@
+//! `sigrelay mock-gateway`: a stand-in for Twilio's gateways, for trying and load-testing a relay
+//! without Twilio, and for the test suite.
+//!
+//! In `twilio` mode it answers just enough of the signalling (TCMP v2) and insights protocols for
+//! the real SDK's `Video.connect(token, { tracks: [] })` to resolve. In `echo` mode it sends every
+//! message back; a text message `close <code> <reason>` makes it close with that code instead.
+//! For every connection it emits a JSON `connection` event (host, path, first message type, the
+//! token's presence, `twr` and SHA-256) and a `close` event.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::token;
+
+/// What the mock gateway does with messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Speak enough of Twilio's protocols for `Video.connect` to resolve.
+    Twilio,
+    /// Send every message back.
+    Echo,
+}
+
+/// The `negotiatedTimeout` the mock offers; the SDK sends heartbeats just under it.
+const NEGOTIATED_TIMEOUT_MS: u64 = 5000;
+
+/// Where events go: stdout lines, or a channel for tests.
+#[derive(Clone)]
+pub enum Events {
+    Stdout,
+    Channel(mpsc::UnboundedSender<Value>),
+}
+
+impl Events {
+    fn emit(&self, event: Value) {
+        match self {
+            Events::Stdout => println!("{event}"),
+            Events::Channel(tx) => {
+                let _ = tx.send(event);
+            }
+        }
+    }
+}
+
+/// Serves until `shutdown` fires.
+pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, mode: Mode, events: Events, shutdown: CancellationToken) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "mock gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => return,
+        };
+        let (acceptor, events, shutdown) = (acceptor.clone(), events.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = connection(tcp, peer, acceptor, mode, events) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    path: String,
+    user_agent: Option<String>,
+    origin: Option<String>,
+    forwarded_for: Option<String>,
+    cookie: bool,
+    authorization: bool,
+}
+
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mode: Mode, events: Events) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(tls) = acceptor.accept(tcp).await else { return };
+    let host = tls.get_ref().1.server_name().map(str::to_string);
+    let mut seen = Seen::default();
+    let callback = |req: &Request, resp: Response| {
+        let h = |name: &str| req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        seen.path = req.uri().path().to_string();
+        seen.user_agent = h("user-agent");
+        seen.origin = h("origin");
+        seen.forwarded_for = h("x-forwarded-for");
+        seen.cookie = req.headers().contains_key("cookie");
+        seen.authorization = req.headers().contains_key("authorization");
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tls, callback).await else { return };
+
+    let mut identity = "participant".to_string();
+    let mut first = true;
+    let mut msgs = 0u64;
+    let mut heartbeat: Option<tokio::time::Interval> = None;
+    let (mut close_code, mut close_reason) = (None, String::new());
+    loop {
+        let msg = tokio::select! {
+            m = ws.next() => m,
+            _ = async { heartbeat.as_mut().unwrap().tick().await }, if heartbeat.is_some() => {
+                if ws.send(Message::text(r#"{"type":"heartbeat"}"#)).await.is_err() { break }
+                continue;
+            }
+        };
+        let Some(Ok(msg)) = msg else { break };
+        let text = match &msg {
+            Message::Text(t) => Some(t.as_str().to_string()),
+            Message::Close(frame) => {
+                close_code = frame.as_ref().map(|f| u16::from(f.code));
+                close_reason = frame.as_ref().map(|f| f.reason.to_string()).unwrap_or_default();
+                continue; // tungstenite answers the close; the stream then ends
+            }
+            Message::Binary(_) => None,
+            _ => continue,
+        };
+        msgs += 1;
+        let parsed: Option<Value> = text.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        if first {
+            first = false;
+            let tok = parsed.as_ref().and_then(|v| {
+                v.pointer("/body/token").or_else(|| v.get("token")).and_then(Value::as_str).map(str::to_string)
+            });
+            let info = tok.as_deref().and_then(|t| token::decode(t).ok());
+            if let Some(id) = info.as_ref().and_then(|i| i.identity.clone()) {
+                identity = id;
+            }
+            events.emit(json!({
+                "event": "connection",
+                "host": host,
+                "peer": peer.to_string(),
+                "path": seen.path,
+                "first_type": parsed.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str),
+                "token_present": tok.is_some(),
+                "twr": info.as_ref().and_then(|i| i.region.clone()),
+                "token_sha256": tok.as_ref().map(|t| hex(&Sha256::digest(t.as_bytes()))),
+                "user_agent": seen.user_agent,
+                "origin": seen.origin,
+                "x_forwarded_for": seen.forwarded_for,
+                "cookie": seen.cookie,
+                "authorization": seen.authorization,
+            }));
+        }
+        let replies = match mode {
+            Mode::Echo => match text.as_deref().and_then(|t| t.strip_prefix("close ")) {
+                Some(rest) => {
+                    let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));
+                    let code = code.parse::<u16>().unwrap_or(1000);
+                    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.to_string().into() };
+                    let _ = ws.close(Some(frame)).await;
+                    continue;
+                }
+                None => vec![msg],
+            },
+            Mode::Twilio => {
+                let (replies, start_heartbeats) = twilio_replies(parsed.as_ref(), &identity);
+                if start_heartbeats && heartbeat.is_none() {
+                    let period = Duration::from_millis(NEGOTIATED_TIMEOUT_MS / 2);
+                    heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + period, period));
+                }
+                replies.into_iter().map(|v| Message::text(v.to_string())).collect()
+            }
+        };
+        for reply in replies {
+            if ws.send(reply).await.is_err() {
+                break;
+            }
+        }
+    }
+    events.emit(json!({
+        "event": "close",
+        "host": host,
+        "path": seen.path,
+        "code": close_code,
+        "reason": close_reason,
+        "msgs": msgs,
+    }));
+}
+
+/// The messages a Twilio gateway sends in answer to one client message, and whether
+/// heartbeats start (after `welcome`).
+fn twilio_replies(msg: Option<&Value>, identity: &str) -> (Vec<Value>, bool) {
+    let Some(msg) = msg else { return (vec![], false) };
+    let body_type = msg.pointer("/body/type").and_then(Value::as_str);
+    match msg.get("type").and_then(Value::as_str) {
+        Some("hello") => {
+            let mut out = vec![json!({"type": "welcome", "negotiatedTimeout": NEGOTIATED_TIMEOUT_MS})];
+            if body_type == Some("ice") {
+                out.push(json!({"type": "msg", "body": {"type": "iced", "ice_servers": []}}));
+            }
+            (out, true)
+        }
+        Some("msg") if body_type == Some("connect") => {
+            let name = msg.pointer("/body/name").and_then(Value::as_str).unwrap_or("room");
+            let connected = json!({"type": "msg", "body": {
+                "type": "connected", "version": 2,
+                "session": "SE00000000000000000000000000000001",
+                "sid": "RM00000000000000000000000000000001",
+                "name": name,
+                "options": {"session_timeout": 30, "signaling_region": "au1", "media_region": "au1"},
+                "participant": {"sid": "PA00000000000000000000000000000001", "identity": identity, "revision": 1, "tracks": []},
+                "participants": [],
+                "peer_connections": [],
+                "published": {"revision": 1, "tracks": []},
+                "recording": {"is_recording": false, "revision": 1},
+                "subscribed": {"revision": 1, "tracks": []},
+            }});
+            (vec![connected], false)
+        }
+        // Insights.
+        Some("connect") => (vec![json!({"type": "connected", "session": "IS00000000000000000000000000000001"})], false),
+        _ => (vec![], false),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of a token as the mock gateway reports it, for comparing in tests.
+pub fn token_sha256(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}

@@ -1,0 +1,454 @@
+//! Test support: a test CA, the mock gateway and fault gateways on 127.0.0.1:0, sigrelay itself
+//! in-process with records on a channel, and a TLS WebSocket client. Nothing leaves loopback:
+//! gateway host names reach the fakes through `[upstream.resolve]` with system DNS off.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::Value;
+use sigrelay::mock_gateway::{self, Events, Mode};
+use sigrelay::pki::TestCa;
+use sigrelay::{App, Config, Records};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The test tokens from ../shared/fixtures/tokens.json.
+pub fn token(name: &str) -> String {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/fixtures/tokens.json");
+    let text = std::fs::read_to_string(path).expect("../shared/fixtures/tokens.json is beside the repo");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v[name].as_str().unwrap_or_else(|| panic!("no token {name}")).to_string()
+}
+
+/// The SDK's signalling hello carrying a token.
+pub fn hello(token: &str) -> String {
+    format!(r#"{{"id":"a5ea453e","timeout":5000,"type":"hello","version":2,"body":{{"edge":"roaming","token":"{token}","type":"ice","version":1}}}}"#)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A test CA with a certificate for the Twilio gateway names and one for the relay.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: TestCa,
+    pub ca_file: PathBuf,
+    pub relay_cert: PathBuf,
+    pub relay_key: PathBuf,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        Pki::named("sigrelay test CA")
+    }
+
+    /// A PKI whose CA has its own name (CAs are told apart by name, then signature).
+    pub fn named(ca_name: &str) -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new(ca_name).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, &ca.cert_pem).unwrap();
+        let relay = ca.leaf(&["localhost".into(), "127.0.0.1".into()]).unwrap();
+        let relay_cert = dir.path().join("relay.pem");
+        let relay_key = dir.path().join("relay-key.pem");
+        std::fs::write(&relay_cert, &relay.cert_pem).unwrap();
+        std::fs::write(&relay_key, &relay.key_pem).unwrap();
+        Pki { dir, ca, ca_file, relay_cert, relay_key }
+    }
+
+    /// A TLS server config with a certificate from this CA for `names`.
+    pub fn server_tls(&self, names: &[String]) -> Arc<rustls::ServerConfig> {
+        let leaf = self.ca.leaf(names).unwrap();
+        server_tls_from_pem(&leaf.cert_pem, &leaf.key_pem)
+    }
+
+    /// A client config trusting only this CA.
+    pub fn client_tls(&self) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.ca.cert_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    }
+}
+
+pub fn server_tls_from_pem(cert: &str, key: &str) -> Arc<rustls::ServerConfig> {
+    let certs = CertificateDer::pem_slice_iter(cert.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    )
+}
+
+/// The mock gateway, its events on a channel.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub events: UnboundedReceiver<Value>,
+    stop: CancellationToken,
+}
+
+impl Gateway {
+    pub async fn start(pki: &Pki, mode: Mode) -> Gateway {
+        let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        tokio::spawn(mock_gateway::serve(listener, tls, mode, Events::Channel(tx), stop.clone()));
+        Gateway { addr, events, stop }
+    }
+
+    /// The next event of the given kind.
+    pub async fn event(&mut self, kind: &str) -> Value {
+        let fut = async {
+            loop {
+                let e = self.events.recv().await.expect("gateway events channel closed");
+                if e["event"] == kind {
+                    return e;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("no gateway {kind} event"))
+    }
+
+    /// Asserts no event arrives for a short while.
+    pub async fn assert_quiet(&mut self) {
+        if let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(300), self.events.recv()).await {
+            panic!("unexpected gateway event {e}");
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Every Twilio host the default routes can pick, mapped to `addr`.
+pub fn resolve_all_to(addr: SocketAddr) -> String {
+    let mut s = String::from("[upstream.resolve]\n");
+    for r in sigrelay::config::DEFAULT_REGIONS {
+        let label = if *r == "gll" { "global" } else { r };
+        s += &format!("\"{label}.vss.twilio.com\" = \"{addr}\"\n");
+        s += &format!("\"sdkgw.{r}.twilio.com\" = \"{addr}\"\n");
+    }
+    s
+}
+
+/// sigrelay, in-process on 127.0.0.1:0, records on a channel.
+pub struct Relay {
+    pub addr: SocketAddr,
+    pub records: UnboundedReceiver<String>,
+    pub app: Arc<App>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts with `[server]` cert/key and `[upstream]` ca_file from `pki`; `extra` is appended
+    /// TOML (use `server_extra` for keys in `[server]` and `upstream_extra` for `[upstream]`).
+    pub async fn start(pki: &Pki, server_extra: &str, upstream_extra: &str, extra: &str) -> Relay {
+        let text = format!(
+            "[server]\ncert = {:?}\nkey = {:?}\n{server_extra}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n{upstream_extra}\n{extra}",
+            pki.relay_cert, pki.relay_key, pki.ca_file
+        );
+        let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+        Relay::start_config(config).await
+    }
+
+    /// The usual set-up: the given gateway answers for every Twilio host.
+    pub async fn to_gateway(pki: &Pki, gw: &Gateway, server_extra: &str) -> Relay {
+        Relay::start(pki, server_extra, "", &resolve_all_to(gw.addr)).await
+    }
+
+    pub async fn start_config(config: Config) -> Relay {
+        let (records, rx) = Records::channel();
+        let app = App::new(config, records).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(sigrelay::serve(app.clone(), listener, async {
+            let _ = shutdown_rx.await;
+        }));
+        Relay { addr, records: rx, app, shutdown: Some(tx), done: Some(done) }
+    }
+
+    /// The next record of the given event (`handshake` or `close`).
+    pub async fn record(&mut self, event: &str) -> Value {
+        let fut = async {
+            loop {
+                let line = self.records.recv().await.expect("records channel closed");
+                let v: Value = serde_json::from_str(&line).unwrap();
+                if v["event"] == event {
+                    return v;
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("no {event} record"))
+    }
+
+    /// Asserts that no record arrives for a short while.
+    pub async fn assert_no_record(&mut self) {
+        if let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(300), self.records.recv()).await {
+            panic!("unexpected record {line}");
+        }
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            tokio::time::timeout(Duration::from_secs(60), done).await.expect("relay stopped").unwrap();
+        }
+    }
+
+    /// Opens a WebSocket through the relay.
+    pub async fn ws(&self, pki: &Pki, path: &str) -> Ws {
+        self.ws_with(pki, path, &[]).await.expect("websocket upgrade")
+    }
+
+    pub async fn ws_with(
+        &self,
+        pki: &Pki,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let tls = self.tls(pki).await;
+        let mut req = format!("wss://localhost:{}{path}", self.addr.port()).into_client_request().unwrap();
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::client_async(req, tls).await?;
+        Ok(ws)
+    }
+
+    /// A TLS connection to the relay with SNI `localhost`.
+    pub async fn tls(&self, pki: &Pki) -> TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(pki.client_tls());
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    }
+
+    /// Sends raw request bytes over TLS and returns the response head and body as text.
+    pub async fn raw(&self, pki: &Pki, request: &str) -> String {
+        let mut tls = self.tls(pki).await;
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// Reads messages until a close frame (returned) or the end of the stream (`None`).
+pub async fn read_close(ws: &mut Ws) -> Option<CloseFrame> {
+    let fut = async {
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Close(frame)) => return frame,
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    };
+    tokio::time::timeout(WAIT, fut).await.expect("close frame in time")
+}
+
+/// The next text or binary message.
+pub async fn next_data(ws: &mut Ws) -> Message {
+    let fut = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => return m,
+                Some(Ok(_)) => continue,
+                other => panic!("stream ended: {other:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, fut).await.expect("message in time")
+}
+
+pub async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text)).await.unwrap();
+}
+
+/// A gateway stand-in that misbehaves in one way.
+pub enum Fault {
+    /// Answers every request head with these bytes, then closes.
+    Respond(&'static str),
+    /// Accepts TCP and never says anything.
+    Silent,
+    /// Finishes TLS (with this server config) and then never answers the request.
+    TlsThenSilent(Arc<rustls::ServerConfig>),
+    /// Finishes TLS and answers the request head with these bytes.
+    TlsRespond(Arc<rustls::ServerConfig>, &'static str),
+}
+
+/// Starts a fault gateway; returns its address.
+pub async fn fault_gateway(fault: Fault) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fault = Arc::new(fault);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            match &*fault {
+                Fault::Silent => held.push(tcp),
+                Fault::Respond(bytes) => {
+                    let bytes = *bytes;
+                    tokio::spawn(async move { respond_after_head(tcp, bytes).await });
+                }
+                Fault::TlsThenSilent(cfg) | Fault::TlsRespond(cfg, _) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                    let reply = match &*fault {
+                        Fault::TlsRespond(_, r) => Some(*r),
+                        _ => None,
+                    };
+                    tokio::spawn(async move {
+                        let Ok(tls) = acceptor.accept(tcp).await else { return };
+                        match reply {
+                            Some(r) => respond_after_head(tls, r).await,
+                            None => {
+                                tokio::time::sleep(Duration::from_secs(60)).await;
+                                drop(tls);
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    });
+    addr
+}
+
+async fn respond_after_head<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, reply: &str) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut buf).await {
+            Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => return,
+        }
+    }
+    let _ = s.write_all(reply.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// A port with nothing listening on it.
+pub async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+/// A minimal WebSocket client on raw frames, for close codes tungstenite will not report as
+/// sent (it turns 1014, which browsers accept, into 1002).
+pub struct RawWs {
+    tls: TlsStream<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl RawWs {
+    pub async fn connect(relay: &Relay, pki: &Pki, path: &str) -> RawWs {
+        let mut tls = relay.tls(pki).await;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tls.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed during the upgrade");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        RawWs { tls, buf }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        let mut frame = Vec::new();
+        sigrelay::frame::encode_frame(&mut frame, sigrelay::frame::OpCode::Text, text.as_bytes(), Some([1, 2, 3, 4]));
+        self.tls.write_all(&frame).await.unwrap();
+    }
+
+    /// The next frame's opcode and payload, or `None` at the end of the stream.
+    pub async fn next_frame(&mut self) -> Option<(sigrelay::frame::OpCode, Vec<u8>)> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(h) = sigrelay::frame::parse_header(&self.buf).unwrap() {
+                let len = h.frame_len() as usize;
+                if self.buf.len() >= len {
+                    let payload = self.buf[h.header_len..len].to_vec();
+                    self.buf.drain(..len);
+                    return Some((h.opcode, payload));
+                }
+            }
+            match tokio::time::timeout(WAIT, self.tls.read(&mut chunk)).await.expect("frame in time") {
+                Ok(n) if n > 0 => self.buf.extend_from_slice(&chunk[..n]),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads until a close frame; returns its code and reason.
+    pub async fn read_close(&mut self) -> Option<(u16, String)> {
+        while let Some((op, payload)) = self.next_frame().await {
+            if op == sigrelay::frame::OpCode::Close {
+                let (code, reason) = sigrelay::frame::parse_close_payload(&payload);
+                return Some((code?, reason));
+            }
+        }
+        None
+    }
+}
