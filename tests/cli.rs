@@ -1,0 +1,152 @@
+//! The `sigrelay` binary as users run it: check-config, and a start on the shipped config.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sigrelay");
+const REPO: &str = env!("CARGO_MANIFEST_DIR");
+
+#[test]
+fn check_config_reports_every_problem_with_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"nowhere\"\nhandshake_timeout = \"forever\"\n[routing]\nregions = []\n\
+         [[routes]]\npath = \"/signaling\"\nupstream = \"wss://evil.example.com/\"\nregion_from = [\"header\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let f = file.display();
+    for key in ["server.listen", "server.handshake_timeout", "routing.regions", "routes[0].upstream", "routes[0].region_from[0]"] {
+        assert!(err.contains(&format!("{f}: {key}: ")), "{key} missing from:\n{err}");
+    }
+
+    let out = Command::new(BIN).args(["check-config", "--config", "/does/not/exist.toml"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+
+    // A syntax error names the line.
+    std::fs::write(&file, "[server\nlisten = 1\n").unwrap();
+    let out = Command::new(BIN).args(["check-config", "--config"]).arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 1"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn check_config_accepts_the_shipped_config() {
+    let out = Command::new(BIN)
+        .current_dir(REPO)
+        .args(["check-config", "--config", "config/sigrelay.toml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok: 2 route(s), 10 region(s)"));
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("sigrelay {}", env!("CARGO_PKG_VERSION")));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in ["check-config", "mock-gateway", "--listen", "SIGRELAY_LISTEN"] {
+        assert!(help.contains(word), "{word} missing from --help:\n{help}");
+    }
+}
+
+/// A fresh checkout: the shipped config, no certificates yet. sigrelay generates the dev pair,
+/// serves, writes records only on stdout, and exits 0 on SIGTERM.
+#[test]
+fn starts_on_the_shipped_config_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::copy(Path::new(REPO).join("config/sigrelay.toml"), dir.path().join("config/sigrelay.toml")).unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .env("SIGRELAY_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("sigrelay printed its address");
+        log.push(line.clone());
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    assert!(log.iter().any(|l| l.contains("SELF-SIGNED")), "a loud warning: {log:?}");
+    let cert = dir.path().join("certs/dev/cert.pem");
+    assert!(cert.exists() && dir.path().join("certs/dev/key.pem").exists());
+
+    // A plain GET on a route: 426 and one record on stdout.
+    let resp = https_get(&addr, &cert, "/signaling");
+    assert!(resp.starts_with("HTTP/1.1 426"), "{resp}");
+    let resp = https_get(&addr, &cert, "/healthz");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "stdout carries records only: {stdout}");
+    let record: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(record["outcome"], "not_websocket");
+    assert_eq!(record["sni"], "localhost");
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("sigrelay did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// GET over TLS, trusting the given self-signed certificate; returns the whole response.
+fn https_get(addr: &str, cert: &Path, path: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut tcp);
+    write!(tls, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
