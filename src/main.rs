@@ -32,6 +32,15 @@ enum Command {
     },
     /// Run a stand-in for Twilio's gateways, to try or load-test a relay without Twilio.
     MockGateway(MockArgs),
+    /// Probe a running relay's /healthz over TLS on loopback; exit 0 when it answers 200.
+    /// Made for container HEALTHCHECKs: the image needs no curl or shell.
+    Healthcheck {
+        #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
+        config: PathBuf,
+        /// The relay's listen address (default: from the config); 0.0.0.0 and :: probe loopback.
+        #[arg(long, env = "SIGRELAY_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
 }
 
 #[derive(Args)]
@@ -81,6 +90,13 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { config }) => check_config(&config),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Healthcheck { config, listen }) => match healthcheck(&config, listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sigrelay healthcheck: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::MockGateway(args)) => match mock_gateway(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -97,7 +113,11 @@ fn init_logging(args: &RunArgs) {
         eprintln!("sigrelay: ignoring --log {:?}: {e}", args.log);
         tracing_subscriber::EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match args.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -238,4 +258,27 @@ fn mock_gateway(args: MockArgs) -> anyhow::Result<()> {
         mock_gateway::serve(listener, std::sync::Arc::new(tls), args.mode, Events::Stdout, shutdown).await;
         anyhow::Ok(())
     })
+}
+
+fn healthcheck(config: &std::path::Path, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let mut addr = match listen {
+        Some(a) => a,
+        None => Config::load(config)?.server.listen,
+    };
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let tls = sigrelay::tls::probe_client_config();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut conn = rustls::ClientConnection::new(tls, name)?;
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    let mut stream = rustls::Stream::new(&mut conn, &mut tcp);
+    write!(stream, "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).context("reading the response")?;
+    anyhow::ensure!(&head == b"HTTP/1.1 200", "{addr}/healthz answered {:?}", String::from_utf8_lossy(&head));
+    Ok(())
 }

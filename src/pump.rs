@@ -103,7 +103,7 @@ where
     let first = shared.first.lock().unwrap().take();
     let (ending, peer_close) = first.unwrap_or((Ending::Shutdown, None));
     let (close_code, close_reason) = match (ending, peer_close) {
-        (Ending::Closed(_), Some((code, reason))) => (code, Some(reason)),
+        (Ending::Closed(_), Some((code, reason))) => (code, code.map(|_| reason)),
         _ => {
             let code = ending.close_code_for(Side::Client).or(ending.close_code_for(Side::Upstream));
             (code, code.map(|_| shared.reason(ending).to_string()))

@@ -101,10 +101,15 @@ fn starts_on_the_shipped_config_and_stops_on_sigterm() {
     let resp = https_get(&addr, &cert, "/healthz");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 
+    let probe = |addr: &str| Command::new(BIN).args(["healthcheck", "--listen", addr]).output().unwrap();
+    let up = probe(&addr);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let status = wait_with_timeout(&mut child, Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
+    assert!(!probe(&addr).status.success(), "healthcheck fails once the relay is gone");
     let mut stdout = String::new();
     child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();

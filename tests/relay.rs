@@ -192,6 +192,7 @@ async fn relays_text_binary_and_large_messages_in_order() {
     let c = relay.record("close").await;
     assert_eq!((c["msgs_up"].as_u64(), c["msgs_down"].as_u64()), (Some(52), Some(52)));
     assert_eq!(c["close_code"], Value::Null, "a close frame without a code");
+    assert_eq!(c["close_reason"], Value::Null);
 }
 
 #[tokio::test]

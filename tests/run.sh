@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what the tests need (idempotently), then
+# runs every test. `bash .ci/run` calls exactly this script.
+#
+#   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs)
+#   npm packages           twilio-video and playwright-core, pinned in tests/browser/package-lock.json
+#   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+apt_packages=()
+command -v chromium >/dev/null || apt_packages+=(chromium)
+command -v node >/dev/null && command -v npm >/dev/null || apt_packages+=(nodejs npm)
+if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
+    # websocat 1.x links OpenSSL.
+    pkg-config --exists openssl 2>/dev/null || apt_packages+=(libssl-dev pkg-config)
+fi
+if [ ${#apt_packages[@]} -gt 0 ]; then
+    echo "tests/run.sh: installing ${apt_packages[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
+    echo "tests/run.sh: installing websocat 1.x"
+    cargo install --locked --quiet websocat --version '^1'
+fi
+
+if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
+    echo "tests/run.sh: installing the browser test's npm packages"
+    (cd tests/browser && npm ci --no-audit --no-fund --silent)
+fi
+
+# CI=true makes the browser and websocat tests fail, not skip, when something above is missing.
+cargo test --locked --all-targets
