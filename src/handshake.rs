@@ -120,9 +120,12 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
 
     let key = req.headers().get(header::SEC_WEBSOCKET_KEY).expect("checked").as_bytes();
     let accept = derive_accept_key(key);
+    // Copied, not cloned: a cloned HeaderValue shares hyper's whole read buffer, which would then
+    // live as long as the connection.
+    let copy = |name| req.headers().get(name).and_then(|v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).ok());
     let headers = ForwardHeaders {
-        user_agent: req.headers().get(header::USER_AGENT).cloned(),
-        origin: req.headers().get(header::ORIGIN).cloned(),
+        user_agent: copy(header::USER_AGENT),
+        origin: copy(header::ORIGIN),
         forwarded_for: HeaderValue::from_str(&conn.client_addr.ip().to_string()).ok(),
     };
     let session = Session { record, route, path_region, query_region, headers, started };

@@ -89,7 +89,7 @@ where
     let mut up = Direction::new(Side::Client, client.0, upstream.1, opts.max_message_size);
     let mut down = Direction::new(Side::Upstream, upstream.0, client.1, opts.max_message_size);
     let both = async {
-        tokio::join!(up.run_and_finish(&initial, &shared), down.run_and_finish(&[], &shared));
+        tokio::join!(up.run_and_finish(initial, &shared), down.run_and_finish(Vec::new(), &shared));
     };
     tokio::select! {
         _ = both => {}
@@ -289,7 +289,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         }
     }
 
-    async fn run_and_finish(&mut self, initial: &[u8], shared: &Shared<'_>) {
+    async fn run_and_finish(&mut self, initial: Vec<u8>, shared: &Shared<'_>) {
         let end = self.run(initial, shared).await;
         let from = self.scanner.from;
         let second = shared.finished.fetch_add(1, Ordering::SeqCst) == 1;
@@ -331,16 +331,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.shutdown()).await;
     }
 
-    async fn run(&mut self, initial: &[u8], shared: &Shared<'_>) -> DirEnd {
+    async fn run(&mut self, initial: Vec<u8>, shared: &Shared<'_>) -> DirEnd {
         if !initial.is_empty() {
-            let (n, stop) = self.scanner.scan(initial);
-            if let Some(end) = self.forward(initial, n, stop, shared).await {
+            let (n, stop) = self.scanner.scan(&initial);
+            if let Some(end) = self.forward(&initial, n, stop, shared).await {
                 return end;
             }
             let rest = &initial[n..];
             self.buf[..rest.len()].copy_from_slice(rest);
             self.end = rest.len();
         }
+        // Not held for the life of the connection.
+        drop(initial);
         loop {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);

@@ -52,8 +52,10 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
         };
         let mut client = client;
         let shutdown = app.shutdown.close.clone();
+        // Boxed so its state (TLS and HTTP handshakes) is freed once connected, instead of
+        // sizing the long-lived task for it.
         let connected = tokio::select! {
-            c = connect(&app, &mut client, &mut s) => Some(c),
+            c = Box::pin(connect(&app, &mut client, &mut s)) => Some(c),
             _ = shutdown.cancelled() => None,
         };
         match connected {
@@ -106,6 +108,7 @@ async fn connect(
         }
     };
     fill_token(&mut s.record, &first, entry, &chosen);
+    s.headers = ForwardHeaders::default();
     let r = &mut s.record;
     r.upstream_dns_ms = timings.dns.map(millis);
     r.upstream_connect_ms = timings.connect.map(millis);

@@ -22,7 +22,7 @@ fi
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${apt_packages[*]}"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_packages[@]}" >/dev/null
 fi
 
 if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
