@@ -5,6 +5,7 @@
 #   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs)
 #   npm packages           twilio-video and playwright-core, pinned in tests/browser/package-lock.json
 #   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
+#   kubernetes-validate    validates config/kubernetes (tests/kubernetes.rs), in a venv from PyPI
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -19,6 +20,8 @@ if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
     # websocat 1.x links OpenSSL.
     pkg-config --exists openssl 2>/dev/null || apt_packages+=(libssl-dev pkg-config)
 fi
+command -v python3 >/dev/null || apt_packages+=(python3)
+python3 -c 'import ensurepip' 2>/dev/null || apt_packages+=(python3-venv)
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "tests/run.sh: installing ${apt_packages[*]}"
     $sudo apt-get update -qq
@@ -29,6 +32,15 @@ if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
     echo "tests/run.sh: installing websocat 1.x"
     cargo install --locked --quiet websocat --version '^1'
 fi
+
+# kubernetes-validate checks config/kubernetes against the schemas it ships (offline).
+kv_venv="$HOME/.cache/sigrelay/kubernetes-validate-1.37.0"
+if [ ! -x "$kv_venv/bin/kubernetes-validate" ]; then
+    echo "tests/run.sh: installing kubernetes-validate 1.37.0"
+    python3 -m venv "$kv_venv"
+    "$kv_venv/bin/pip" install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
+fi
+export PATH="$kv_venv/bin:$PATH"
 
 if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
     echo "tests/run.sh: installing the browser test's npm packages"
