@@ -20,6 +20,8 @@ pub const DEFAULT_REGIONS: &[&str] =
 pub struct Config {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
+    pub admin: AdminSettings,
+    pub limits: Limits,
     /// The allow-list of region codes (`[routing] regions`).
     pub regions: Vec<String>,
     pub routes: Vec<Route>,
@@ -41,6 +43,113 @@ pub struct ServerSettings {
     pub handshake_timeout: Duration,
     /// How long live connections may go on after a shutdown signal before they are closed.
     pub drain_timeout: Duration,
+    /// The closes after `drain_timeout` are spread at random over this long.
+    pub drain_jitter: Duration,
+    /// How often the relay pings both sides; a side that answers nothing between two pings is
+    /// closed. `None` turns pings off.
+    pub ping_interval: Option<Duration>,
+    /// Close a connection after this long without a data message either way. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Expect a PROXY protocol (v1 or v2) header before TLS on every connection.
+    pub proxy_protocol: bool,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Origins allowed to open WebSockets; empty allows all.
+    pub allowed_origins: Vec<OriginPattern>,
+    /// Terminate TLS (the default). `false` serves plain HTTP behind a TLS-terminating balancer.
+    pub tls: bool,
+    /// Extra certificates, chosen by SNI, beside the default `cert`/`key`.
+    pub certs: Vec<CertPair>,
+}
+
+/// A certificate chain and its key (`[[server.certs]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertPair {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// `None` when set to `"off"`.
+    pub listen: Option<SocketAddr>,
+    /// A file holding the bearer token the admin endpoints require.
+    pub token_file: Option<PathBuf>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Relayed connections in total; `None` derives it from the file-descriptor limit.
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: usize,
+    pub handshakes_per_ip_per_s: f64,
+    pub handshake_burst: f64,
+}
+
+/// An `allowed_origins` entry: `https://app.example.com`, `https://*.example.com` or `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    scheme: String,
+    /// Lowercase host; with `wildcard`, the suffix after `*.`.
+    host: String,
+    wildcard: bool,
+    port: Option<u16>,
+    any: bool,
+}
+
+impl OriginPattern {
+    /// Parses a pattern; the error says why it is not one.
+    pub fn parse(s: &str) -> Result<OriginPattern, String> {
+        if s == "*" {
+            return Ok(OriginPattern { scheme: String::new(), host: String::new(), wildcard: false, port: None, any: true });
+        }
+        let (scheme, rest) = s.split_once("://").ok_or("must look like https://app.example.com")?;
+        if rest.is_empty() || rest.contains(['/', '?', '#', '@']) {
+            return Err("must be scheme://host[:port] without a path".into());
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().map_err(|_| format!("{p:?} is not a port"))?)),
+            None => (rest, None),
+        };
+        let (wildcard, host) = match host.strip_prefix("*.") {
+            Some(h) => (true, h),
+            None => (false, host),
+        };
+        if host.is_empty() || host.contains('*') {
+            return Err("only a leading \"*.\" wildcard is allowed".into());
+        }
+        Ok(OriginPattern {
+            scheme: scheme.to_ascii_lowercase(),
+            host: host.to_ascii_lowercase(),
+            wildcard,
+            port,
+            any: false,
+        })
+    }
+
+    /// Whether an `Origin` header value matches.
+    pub fn matches(&self, origin: &str) -> bool {
+        if self.any {
+            return true;
+        }
+        let origin = origin.to_ascii_lowercase();
+        let Some((scheme, rest)) = origin.split_once("://") else { return false };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => match p.parse::<u16>() {
+                Ok(p) => (h, Some(p)),
+                Err(_) => return false,
+            },
+            None => (rest, None),
+        };
+        let host_ok = if self.wildcard {
+            host.strip_suffix(&self.host).is_some_and(|prefix| prefix.len() > 1 && prefix.ends_with('.'))
+        } else {
+            host == self.host
+        };
+        scheme == self.scheme && host_ok && port == self.port
+    }
 }
 
 /// `[upstream]`.
@@ -54,6 +163,8 @@ pub struct UpstreamSettings {
     pub resolve: BTreeMap<String, SocketAddr>,
     /// Whether hosts missing from `resolve` are looked up in the system's DNS.
     pub system_dns: bool,
+    /// An HTTP CONNECT proxy for gateway connections: `(host, port)`.
+    pub proxy: Option<(String, u16)>,
 }
 
 /// One `[[routes]]` entry.
@@ -111,6 +222,8 @@ impl std::error::Error for ConfigError {}
 struct RawConfig {
     server: RawServer,
     upstream: RawUpstream,
+    admin: RawAdmin,
+    limits: RawLimits,
     routing: RawRouting,
     routes: Option<Vec<RawRoute>>,
 }
@@ -126,6 +239,37 @@ struct RawServer {
     reject_expired_tokens: Option<bool>,
     handshake_timeout: Option<String>,
     drain_timeout: Option<String>,
+    drain_jitter: Option<String>,
+    ping_interval: Option<String>,
+    idle_timeout: Option<String>,
+    proxy_protocol: Option<bool>,
+    trusted_proxies: Vec<String>,
+    allowed_origins: Vec<String>,
+    tls: Option<bool>,
+    certs: Vec<RawCertPair>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawCertPair {
+    cert: Option<String>,
+    key: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawLimits {
+    max_connections: Option<i64>,
+    max_connections_per_ip: Option<i64>,
+    handshakes_per_ip_per_s: Option<f64>,
+    handshake_burst: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -135,6 +279,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     resolve: BTreeMap<String, String>,
     system_dns: Option<bool>,
+    proxy: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -240,6 +385,21 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration where `"off"` (or `"0s"`) means none.
+    fn optional_duration(&mut self, key: &str, raw: Option<&str>, default: Option<Duration>) -> Option<Duration> {
+        match raw {
+            None => default,
+            Some("off") => None,
+            Some(r) => Some(self.duration(key, Some(r), Duration::ZERO, Duration::ZERO)).filter(|d| !d.is_zero()),
+        }
+    }
+
+    fn existing_file(&mut self, key: &str, path: &Path) {
+        if !path.exists() {
+            self.problem(key, format!("{} does not exist", path.display()));
+        }
+    }
+
     fn addr(&mut self, key: &str, raw: &str) -> Option<SocketAddr> {
         match raw.parse() {
             Ok(a) => Some(a),
@@ -301,7 +461,54 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             Duration::from_secs(30),
             Duration::ZERO,
         ),
+        drain_jitter: c.duration("server.drain_jitter", s.drain_jitter.as_deref(), Duration::from_secs(5), Duration::ZERO),
+        ping_interval: c.optional_duration("server.ping_interval", s.ping_interval.as_deref(), Some(Duration::from_secs(20))),
+        idle_timeout: c.optional_duration("server.idle_timeout", s.idle_timeout.as_deref(), None),
+        proxy_protocol: s.proxy_protocol.unwrap_or(false),
+        trusted_proxies: s
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .filter_map(|(i, cidr)| match parse_cidr(cidr) {
+                Ok(net) => Some(net),
+                Err(()) => {
+                    c.problem(format!("server.trusted_proxies[{i}]"), format!("{cidr:?} is not an address or CIDR like 10.0.0.0/8"));
+                    None
+                }
+            })
+            .collect(),
+        allowed_origins: s
+            .allowed_origins
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| match OriginPattern::parse(o) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    c.problem(format!("server.allowed_origins[{i}]"), format!("{o:?}: {why}"));
+                    None
+                }
+            })
+            .collect(),
+        tls: s.tls.unwrap_or(true),
+        certs: s
+            .certs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, pair)| {
+                let (Some(cert), Some(key)) = (&pair.cert, &pair.key) else {
+                    c.problem(format!("server.certs[{i}]"), "needs both cert and key");
+                    return None;
+                };
+                let pair = CertPair { cert: PathBuf::from(cert), key: PathBuf::from(key) };
+                c.existing_file(&format!("server.certs[{i}].cert"), &pair.cert);
+                c.existing_file(&format!("server.certs[{i}].key"), &pair.key);
+                Some(pair)
+            })
+            .collect(),
     };
+
+    let admin = RawAdmin::validate(raw.admin, &mut c);
+    let limits = RawLimits::validate(raw.limits, &mut c);
 
     let u = raw.upstream;
     let ca_file = u.ca_file.map(PathBuf::from);
@@ -330,6 +537,13 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         ),
         resolve,
         system_dns: u.system_dns.unwrap_or(true),
+        proxy: u.proxy.as_deref().and_then(|p| match parse_proxy(p) {
+            Ok(hp) => Some(hp),
+            Err(why) => {
+                c.problem("upstream.proxy", format!("{p:?}: {why}"));
+                None
+            }
+        }),
     };
 
     let regions: Vec<String> = match raw.routing.regions {
@@ -420,7 +634,73 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         routes.push(route);
     }
 
-    Config { server, upstream, regions, routes }
+    Config { server, upstream, admin, limits, regions, routes }
+}
+
+impl RawAdmin {
+    fn validate(self, c: &mut Checker) -> AdminSettings {
+        let listen = match self.listen.as_deref() {
+            Some("off") => None,
+            Some(l) => c.addr("admin.listen", l),
+            None => Some(([127, 0, 0, 1], 9090).into()),
+        };
+        let token_file = self.token_file.map(PathBuf::from);
+        if let Some(f) = &token_file {
+            match std::fs::read_to_string(f) {
+                Ok(t) if t.trim().is_empty() => c.problem("admin.token_file", format!("{} is empty", f.display())),
+                Ok(_) => {}
+                Err(e) => c.problem("admin.token_file", format!("{}: {e}", f.display())),
+            }
+        }
+        AdminSettings { listen, token_file }
+    }
+}
+
+impl RawLimits {
+    fn validate(self, c: &mut Checker) -> Limits {
+        let mut count = |key: &str, v: Option<i64>, default: usize| match v {
+            None => default,
+            Some(n) if n >= 1 => n as usize,
+            Some(n) => {
+                c.problem(key, format!("{n} must be at least 1"));
+                default
+            }
+        };
+        let max_connections = self.max_connections.map(|n| count("limits.max_connections", Some(n), 1));
+        let max_connections_per_ip = count("limits.max_connections_per_ip", self.max_connections_per_ip, 10_000);
+        let mut rate = |key: &str, v: Option<f64>, default: f64| match v {
+            None => default,
+            Some(r) if r > 0.0 && r.is_finite() => r,
+            Some(r) => {
+                c.problem(key, format!("{r} must be a positive number"));
+                default
+            }
+        };
+        Limits {
+            max_connections,
+            max_connections_per_ip,
+            handshakes_per_ip_per_s: rate("limits.handshakes_per_ip_per_s", self.handshakes_per_ip_per_s, 200.0),
+            handshake_burst: rate("limits.handshake_burst", self.handshake_burst, 1000.0),
+        }
+    }
+}
+
+/// An address (`10.1.2.3`) or CIDR (`10.0.0.0/8`).
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, ()> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| ())
+}
+
+/// `http://host:port` of a CONNECT proxy.
+fn parse_proxy(s: &str) -> Result<(String, u16), String> {
+    let rest = s.strip_prefix("http://").ok_or("must start with http:// (a CONNECT proxy)")?;
+    let rest = rest.trim_end_matches('/');
+    if rest.contains(['/', '@', '?']) {
+        return Err("must be http://host:port, without path or credentials".into());
+    }
+    let authority: http::uri::Authority = rest.parse().map_err(|_| "not host:port".to_string())?;
+    Ok((authority.host().trim_matches(['[', ']']).to_string(), authority.port_u16().unwrap_or(3128)))
 }
 
 /// A region code or host label: lowercase letters, digits and '-', 1 to 32 long, not starting with '-'.
@@ -450,6 +730,23 @@ mod tests {
         assert_eq!(c.routes[1].default_region, "us1");
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(4));
         assert_eq!(c.server.max_message_size, 1 << 20);
+    }
+
+    #[test]
+    fn origin_patterns() {
+        let p = OriginPattern::parse("https://*.example.com").unwrap();
+        assert!(p.matches("https://app.example.com"));
+        assert!(p.matches("https://a.b.EXAMPLE.com"));
+        assert!(!p.matches("https://example.com"));
+        assert!(!p.matches("https://evilexample.com"));
+        assert!(!p.matches("http://app.example.com"));
+        assert!(!p.matches("https://app.example.com:8443"));
+        let exact = OriginPattern::parse("http://127.0.0.1:8080").unwrap();
+        assert!(exact.matches("http://127.0.0.1:8080"));
+        assert!(!exact.matches("http://127.0.0.1"));
+        assert!(OriginPattern::parse("*").unwrap().matches("null"));
+        assert!(OriginPattern::parse("https://*").is_err());
+        assert!(OriginPattern::parse("example.com").is_err());
     }
 
     #[test]

@@ -20,17 +20,33 @@ use crate::outcome::Outcome;
 use crate::records::HandshakeRecord;
 use crate::relay::{self, Session};
 use crate::routing::{PathMatch, Router};
+use crate::Current;
 use crate::upstream::ForwardHeaders;
 use crate::App;
 
-/// What the listener knows about the TLS connection a request arrived on.
+/// What the listener knows about the connection a request arrived on.
 pub struct ConnContext {
     pub app: Arc<App>,
+    /// The TCP peer, or the address a PROXY protocol header gave.
     pub client_addr: SocketAddr,
     pub sni: Option<String>,
-    pub tls_ms: f64,
+    /// `None` on a plain (no TLS) listener.
+    pub tls_ms: Option<f64>,
     /// Set once a request arrives, so a connection that never sends one still gets a record.
     pub saw_request: AtomicBool,
+}
+
+impl ConnContext {
+    /// The context of a connection whose TLS handshake (if any) took `tls`.
+    pub fn new(app: &Arc<App>, client_addr: SocketAddr, sni: Option<String>, tls: std::time::Duration) -> ConnContext {
+        ConnContext {
+            app: app.clone(),
+            client_addr,
+            tls_ms: app.tls.is_some().then(|| crate::records::millis(tls)),
+            sni,
+            saw_request: AtomicBool::new(false),
+        }
+    }
 }
 
 /// A new connection id: a ULID, unique across a fleet without coordination.
@@ -80,17 +96,26 @@ fn refuse(outcome: Outcome, why: &'static str) -> Refusal {
 pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Result<Resp, Infallible> {
     conn.saw_request.store(true, Ordering::Relaxed);
     let started = Instant::now();
-    if req.uri().path() == "/healthz" && req.method() == Method::GET {
-        return Ok(text(StatusCode::OK, "ok\n".into()));
-    }
     let app = conn.app.clone();
-    let mut record = HandshakeRecord::new(new_conn_id(), conn.client_addr, conn.sni.clone());
-    record.tls_ms = Some(conn.tls_ms);
+    if req.method() == Method::GET {
+        match req.uri().path() {
+            "/healthz" => return Ok(text(StatusCode::OK, "ok\n".into())),
+            "/readyz" => {
+                let (status, body) = crate::admin::readyz(&app);
+                return Ok(text(status, body.into()));
+            }
+            _ => {}
+        }
+    }
+    let current = app.current();
+    let client_addr = client_addr(&req, conn.client_addr, &current.config.server.trusted_proxies);
+    let mut record = HandshakeRecord::new(new_conn_id(), client_addr, conn.sni.clone());
+    record.tls_ms = conn.tls_ms;
     record.path = Some(req.uri().path().chars().take(MAX_RECORDED_HEADER).collect());
     record.origin = header_text(req.headers(), header::ORIGIN);
     record.user_agent = header_text(req.headers(), header::USER_AGENT);
 
-    let accepted = check(&req, &conn, &app.router, &mut record);
+    let accepted = check(&req, &conn, &current, &mut record);
     let (route, path_region, query_region) = match accepted {
         Ok(ok) => ok,
         Err(refusal) => {
@@ -126,9 +151,15 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     let headers = ForwardHeaders {
         user_agent: copy(header::USER_AGENT),
         origin: copy(header::ORIGIN),
-        forwarded_for: HeaderValue::from_str(&conn.client_addr.ip().to_string()).ok(),
+        forwarded_for: HeaderValue::from_str(&client_addr.ip().to_string()).ok(),
     };
-    let session = Session { record, route, path_region, query_region, headers, started };
+    // Over a limit the WebSocket is still accepted, then closed with 1013 and a reason naming
+    // the limit: browsers hide HTTP statuses from scripts, but not close codes.
+    let (permit, refused) = match app.limiter.admit(client_addr.ip()) {
+        Ok(p) => (Some(p), None),
+        Err(outcome) => (None, Some(outcome)),
+    };
+    let session = Session { record, current, route, path_region, query_region, headers, started, permit, refused };
     let upgrade = hyper::upgrade::on(&mut req);
     app.tracker.spawn(relay::run(app.clone(), upgrade, session));
 
@@ -144,13 +175,35 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
 
 const WRONG_VERSION: &str = "Sec-WebSocket-Version must be 13";
 
+/// The client's address: the connection's, unless it comes from a trusted proxy, in which case
+/// the right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
+fn client_addr(req: &Request<Incoming>, peer: SocketAddr, trusted: &[ipnet::IpNet]) -> SocketAddr {
+    let is_trusted = |ip: &std::net::IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer.ip()) {
+        return peer;
+    }
+    let forwarded: Vec<std::net::IpAddr> = req
+        .headers()
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    match forwarded.iter().rev().find(|ip| !is_trusted(ip)).or(forwarded.first()) {
+        Some(ip) => SocketAddr::new(*ip, 0),
+        None => peer,
+    }
+}
+
 /// Validates the request; on success returns the route index and the regions from path and query.
 fn check(
     req: &Request<Incoming>,
     conn: &ConnContext,
-    router: &Router,
+    current: &Current,
     record: &mut HandshakeRecord,
 ) -> Result<(usize, Option<String>, Option<String>), Refusal> {
+    let router = &current.router;
     if req.method() == Method::CONNECT {
         return Err(refuse(Outcome::BadRequest, "CONNECT is not supported"));
     }
@@ -182,6 +235,15 @@ fn check(
         None
     };
     let h = req.headers();
+    // Cross-site WebSocket hijacking: a page on another site must not ride the user's network.
+    // Requests without Origin (websocat, servers) are not from a browser page and pass.
+    let origins = &current.config.server.allowed_origins;
+    if let Some(origin) = h.get(header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or("");
+        if !origins.is_empty() && !origins.iter().any(|p| p.matches(origin)) {
+            return Err(refuse(Outcome::ForbiddenOrigin, "Origin is not in allowed_origins"));
+        }
+    }
     if !has_token(h, header::UPGRADE, "websocket") {
         return Err(refuse(Outcome::NotWebsocket, "this path only accepts WebSocket upgrades"));
     }

@@ -10,13 +10,17 @@
 //!   frame [`pump`];
 //! - [`records`]: the handshake and close records; [`outcome`]: their outcome words.
 
+pub mod admin;
 pub mod config;
 pub mod frame;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod mock_gateway;
 pub mod outcome;
 pub mod pki;
+pub mod proxy_protocol;
 pub mod pump;
 pub mod records;
 pub mod registry;
@@ -28,27 +32,40 @@ pub mod token;
 pub mod upstream;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 pub use records::Records;
 
-/// State shared by every connection of one running relay.
-pub struct App {
+/// The parts of the configuration a reload (SIGHUP) replaces: routes, regions, limits, origins.
+pub struct Current {
     pub config: Config,
     pub router: routing::Router,
+}
+
+/// State shared by every connection of one running relay.
+pub struct App {
+    current: ArcSwap<Current>,
     pub connector: upstream::Connector,
     pub records: Records,
     pub registry: registry::Registry,
     pub shutdown: shutdown::Signals,
     /// Every connection and session task, so shutdown can wait for them.
     pub tracker: TaskTracker,
-    pub tls: TlsAcceptor,
+    pub certs: Arc<tls::CertStore>,
+    /// `None` when `[server] tls = false`.
+    pub tls: Option<TlsAcceptor>,
+    pub limiter: limits::Limiter,
+    /// The admin listener's bound address, once it is listening.
+    pub admin_addr: OnceLock<SocketAddr>,
 }
 
 /// Why the relay could not start.
@@ -56,39 +73,123 @@ pub struct App {
 pub enum StartError {
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("binding the admin listener on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("admin.token_file: {0}")]
+    AdminToken(std::io::Error),
 }
 
+/// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
+/// accept, answer and record instead of failing `accept()`.
+const FD_RESERVE: u64 = 64;
+
 impl App {
-    /// Builds the shared state: TLS on both hops, routes, connector.
+    /// Builds the shared state: TLS on both hops, routes, connector, limits.
     pub fn new(config: Config, records: Records) -> Result<Arc<App>, StartError> {
-        let server_tls = tls::server_config(&config)?;
+        let certs = Arc::new(tls::CertStore::load(&config)?);
+        let server_tls = tls::server_config(certs.clone())?;
         let client_tls = tls::client_config(&config)?;
+        // Each relayed connection holds two descriptors.
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+        let derived_max = (nofile.saturating_sub(FD_RESERVE) / 2).max(1) as usize;
         Ok(Arc::new(App {
-            router: routing::Router::new(&config),
             connector: upstream::Connector::new(&config, client_tls),
             records,
             registry: registry::Registry::default(),
             shutdown: shutdown::Signals::default(),
             tracker: TaskTracker::new(),
-            tls: TlsAcceptor::from(server_tls),
-            config,
+            tls: config.server.tls.then(|| TlsAcceptor::from(server_tls)),
+            certs,
+            limiter: limits::Limiter::new(config.limits.clone(), derived_max),
+            admin_addr: OnceLock::new(),
+            current: ArcSwap::from_pointee(Current { router: routing::Router::new(&config), config }),
         }))
+    }
+
+    /// The configuration in force now. A connection keeps the one it started with.
+    pub fn current(&self) -> Arc<Current> {
+        self.current.load_full()
+    }
+
+    /// The metrics, fed by records, the registry and the pump.
+    pub fn metrics(&self) -> &metrics::Metrics {
+        self.records.metrics()
+    }
+
+    /// Puts a new configuration's routes, regions, limits, origins and certificates in force.
+    /// Listener settings (address, TLS on/off, PROXY protocol, admin) need a restart. On error
+    /// nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        self.certs.reload(&config)?;
+        self.limiter.update(config.limits.clone());
+        self.current.store(Arc::new(Current { router: routing::Router::new(&config), config }));
+        Ok(())
+    }
+
+    /// Whether `/readyz` says ready: not draining.
+    pub fn ready(&self) -> bool {
+        !self.shutdown.drain.is_cancelled()
     }
 }
 
-/// Serves on an already-bound listener until `shutdown` resolves, then drains: stops accepting,
-/// gives live connections `drain_timeout`, closes the rest with 1012, and returns.
-pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+/// How often certificate files are checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// Serves on an already-bound listener until `shutdown` resolves, then drains: stops accepting
+/// (`/readyz` turns 503), gives live connections `drain_timeout`, closes the rest with 1012
+/// spread over `drain_jitter`, and returns.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let background = CancellationToken::new();
+    let mut helpers = Vec::new();
+    let current = app.current();
+    if let Some(addr) = current.config.admin.listen {
+        let admin = TcpListener::bind(addr).await.map_err(|source| StartError::Admin { addr, source })?;
+        let bound = admin.local_addr().map_err(|source| StartError::Admin { addr, source })?;
+        let _ = app.admin_addr.set(bound);
+        tracing::info!(admin = %bound, "admin listener up (/metrics, /connections, /readyz)");
+        let token = match &current.config.admin.token_file {
+            Some(f) => Some(std::fs::read_to_string(f).map_err(StartError::AdminToken)?.trim().to_string()),
+            None => None,
+        };
+        helpers.push(tokio::spawn(admin::serve(admin, app.clone(), token, background.clone())));
+    }
+    helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
     let accepting = app.tracker.spawn(listener::accept_loop(listener, app.clone()));
     shutdown.await;
     shutdown::drain(&app, accepting).await;
+    background.cancel();
+    for h in helpers {
+        let _ = h.await;
+    }
+    Ok(())
+}
+
+/// Certificate files checked for changes; idle rate-limit buckets forgotten.
+async fn background_chores(app: Arc<App>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CERT_POLL);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        ticks += 1;
+        match app.certs.reload(&app.current().config) {
+            Ok(true) => tracing::info!("certificate files changed; new handshakes use the new certificates"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; keeping the ones in service"),
+        }
+        if ticks % 60 == 0 {
+            app.limiter.sweep();
+        }
+    }
 }
 
 /// Runs the relay with records on stdout: the entry point `main` uses.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let (records, writer) = Records::stdout();
     let app = App::new(config, records)?;
-    serve(app, listener, shutdown).await;
+    serve(app, listener, shutdown).await?;
     // The writer thread ends once every Records handle is gone; a task still stuck after the
     // forced close must not keep the process alive.
     let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| writer.finish())).await;

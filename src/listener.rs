@@ -2,7 +2,7 @@
 //! `handshake_timeout`) and the HTTP/1.1 server with upgrades.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,14 +45,32 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     }
 }
 
-/// Serves one TCP connection: TLS, then HTTP requests until the connection upgrades or closes.
-async fn serve_connection(app: Arc<App>, tcp: TcpStream, client_addr: SocketAddr) {
+/// Serves one TCP connection: the PROXY header if configured, TLS (unless off), then HTTP
+/// requests until the connection upgrades or closes.
+async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
-    let span = tracing::info_span!("conn", client = %client_addr, sni = Empty);
+    let span = tracing::info_span!("conn", client = %peer, sni = Empty);
     let started = Instant::now();
-    let limit = app.config.server.handshake_timeout;
+    let current = app.current();
+    let limit = current.config.server.handshake_timeout;
     async {
-        let tls = match tokio::time::timeout(limit, app.tls.accept(tcp)).await {
+        let mut client_addr = peer;
+        if current.config.server.proxy_protocol {
+            match crate::proxy_protocol::read(&mut tcp, limit).await {
+                Ok(Some(addr)) => {
+                    client_addr = addr;
+                    tracing::Span::current().record("client", tracing::field::display(addr));
+                }
+                Ok(None) => {}
+                Err(why) => return early_failure(&app, peer, started, Outcome::BadProxyHeader, why),
+            }
+        }
+        let Some(acceptor) = &app.tls else {
+            let ctx = ConnContext::new(&app, client_addr, None, Duration::ZERO);
+            return serve_http(&app, tcp, ctx, limit, started).await;
+        };
+        let remaining = limit.saturating_sub(started.elapsed());
+        let tls = match tokio::time::timeout(remaining, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return early_failure(&app, client_addr, started, Outcome::ClientTlsError, e.to_string()),
             Err(_) => {
@@ -60,52 +78,54 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, client_addr: SocketAddr
                 return early_failure(&app, client_addr, started, Outcome::ClientTimeout, why);
             }
         };
-        let tls_time = started.elapsed();
         let sni = tls.get_ref().1.server_name().map(str::to_string);
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
         }
-        let ctx = Arc::new(ConnContext {
-            app: app.clone(),
-            client_addr,
-            sni,
-            tls_ms: millis(tls_time),
-            saw_request: AtomicBool::new(false),
-        });
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limit.saturating_sub(tls_time).max(Duration::from_millis(100)))
-            .max_buf_size(MAX_HEAD);
-        let svc_ctx = ctx.clone();
-        let svc = service_fn(move |req| handshake::handle(req, svc_ctx.clone()));
-        let conn = http.serve_connection(TokioIo::new(tls), svc).with_upgrades();
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            r = conn.as_mut() => r,
-            _ = app.shutdown.drain.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-        if !ctx.saw_request.load(Ordering::Relaxed) {
-            let (outcome, why) = match &result {
-                Err(e) if e.is_timeout() => (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string()),
-                Err(e) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
-                Err(e) => (Outcome::NoRequest, e.to_string()),
-                Ok(()) => (Outcome::NoRequest, "connection closed before a request".to_string()),
-            };
-            let mut record = HandshakeRecord::new(new_conn_id(), client_addr, ctx.sni.clone());
-            record.tls_ms = Some(ctx.tls_ms);
-            record.outcome = Some(outcome);
-            record.error = Some(why);
-            record.total_ms = Some(millis(started.elapsed()));
-            app.records.handshake(record);
-        } else if let Err(e) = result {
-            tracing::debug!(error = %e, "http connection ended with an error");
-        }
+        let ctx = ConnContext::new(&app, client_addr, sni, started.elapsed());
+        serve_http(&app, tls, ctx, limit, started).await
     }
     .instrument(span)
     .await
+}
+
+/// Serves HTTP/1.1 with upgrades; a connection that ends without a request gets its record here.
+async fn serve_http<I>(app: &Arc<App>, io: I, ctx: ConnContext, limit: Duration, started: Instant)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = Arc::new(ctx);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limit.saturating_sub(started.elapsed()).max(Duration::from_millis(100)))
+        .max_buf_size(MAX_HEAD);
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req| handshake::handle(req, svc_ctx.clone()));
+    let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = app.shutdown.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if !ctx.saw_request.load(Ordering::Relaxed) {
+        let (outcome, why) = match &result {
+            Err(e) if e.is_timeout() => (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string()),
+            Err(e) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
+            Err(e) => (Outcome::NoRequest, e.to_string()),
+            Ok(()) => (Outcome::NoRequest, "connection closed before a request".to_string()),
+        };
+        let mut record = HandshakeRecord::new(new_conn_id(), ctx.client_addr, ctx.sni.clone());
+        record.tls_ms = ctx.tls_ms;
+        record.outcome = Some(outcome);
+        record.error = Some(why);
+        record.total_ms = Some(millis(started.elapsed()));
+        app.records.handshake(record);
+    } else if let Err(e) = result {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
 }
 
 fn early_failure(app: &App, client_addr: SocketAddr, started: Instant, outcome: Outcome, why: String) {

@@ -71,6 +71,10 @@ struct RunArgs {
     /// Listen address, overriding `[server] listen`; port 0 picks a free port.
     #[arg(long, env = "SIGRELAY_LISTEN")]
     listen: Option<SocketAddr>,
+    /// Admin listener address (`/metrics`, `/connections`), overriding `[admin] listen`; `off`
+    /// turns it off.
+    #[arg(long, env = "SIGRELAY_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
     /// Log format on stderr.
     #[arg(long, env = "SIGRELAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -135,7 +139,7 @@ fn check_config(path: &PathBuf) -> ExitCode {
     let mut problems = Vec::new();
     let dev_pending = !config.server.cert.exists() && sigrelay::config::is_dev_cert_path(&config.server.cert);
     if !dev_pending {
-        if let Err(e) = tls::server_config(&config) {
+        if let Err(e) = tls::CertStore::load(&config) {
             problems.push(e.to_string());
         }
     }
@@ -177,9 +181,7 @@ fn run(args: RunArgs) -> ExitCode {
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let mut config = Config::load(&args.config)?;
-    if let Some(listen) = args.listen {
-        config.server.listen = listen;
-    }
+    apply_overrides(&mut config, args.listen, args.admin_listen.as_deref())?;
     if tls::ensure_dev_cert(&config.server.cert, &config.server.key)? {
         tracing::warn!(
             cert = %config.server.cert.display(),
@@ -187,14 +189,70 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
              For anything but local testing, set [server] cert and key to a real certificate."
         );
     }
+    if !config.server.tls {
+        tracing::warn!(
+            "TLS IS OFF ([server] tls = false): serving plain HTTP. Only do this behind a load \
+             balancer that terminates TLS, on a network nobody else can reach."
+        );
+    }
+    // Each relayed connection holds two descriptors; take all the kernel allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "file-descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let addr = listener.local_addr()?;
+    let (records, writer) = sigrelay::Records::stdout();
+    let app = sigrelay::App::new(config, records)?;
+    let reloader = tokio::spawn(reload_on_sighup(app.clone(), args.config.clone(), args.listen, args.admin_listen));
+    let served = sigrelay::serve(app.clone(), listener, shutdown_signal());
     eprintln!("sigrelay {} listening on {addr}", env!("CARGO_PKG_VERSION"));
-    sigrelay::run(config, listener, shutdown_signal()).await?;
+    served.await?;
+    reloader.abort();
+    let _ = reloader.await;
+    drop(app);
+    // The writer ends once every Records handle is gone; a task stuck past the forced close must
+    // not keep the process alive.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::task::spawn_blocking(|| writer.finish())).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Command-line settings win over the file's.
+fn apply_overrides(config: &mut Config, listen: Option<SocketAddr>, admin_listen: Option<&str>) -> anyhow::Result<()> {
+    if let Some(l) = listen {
+        config.server.listen = l;
+    }
+    match admin_listen {
+        None => {}
+        Some("off") => config.admin.listen = None,
+        Some(a) => config.admin.listen = Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
+    }
+    Ok(())
+}
+
+/// On SIGHUP, re-reads the config file: routes, regions, limits, origins and certificates. A
+/// file with problems is rejected whole, every problem logged, and the running config kept.
+async fn reload_on_sighup(
+    app: std::sync::Arc<sigrelay::App>,
+    path: PathBuf,
+    listen: Option<SocketAddr>,
+    admin_listen: Option<String>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|mut c| {
+            apply_overrides(&mut c, listen, admin_listen.as_deref())?;
+            app.reload(c).map_err(anyhow::Error::from)
+        });
+        match result {
+            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+            Err(e) => tracing::error!(config = %path.display(), "reload rejected, running configuration kept: {e:#}"),
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

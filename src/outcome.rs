@@ -34,6 +34,8 @@ pub enum Outcome {
     ClientTimeout,
     /// The browser closed the connection before sending any request.
     NoRequest,
+    /// `proxy_protocol` is on and the connection did not start with a valid PROXY header.
+    BadProxyHeader,
     /// The browser sent a close frame.
     ClientClosed,
     /// The gateway sent a close frame.
@@ -48,6 +50,24 @@ pub enum Outcome {
     ClientProtocolError,
     /// sigrelay was shutting down.
     Shutdown,
+    /// The Origin is not in `allowed_origins`: 403.
+    ForbiddenOrigin,
+    /// `limits.max_connections` reached: closed with 1013.
+    OverMaxConnections,
+    /// `limits.max_connections_per_ip` reached for this client: closed with 1013.
+    OverMaxConnectionsPerIp,
+    /// The client's handshake rate (`handshakes_per_ip_per_s`, `handshake_burst`): closed with 1013.
+    OverHandshakeRate,
+    /// The CONNECT proxy (`upstream.proxy`) refused or failed.
+    UpstreamProxyError,
+    /// The browser stopped answering pings.
+    ClientSilent,
+    /// The gateway stopped answering pings.
+    UpstreamSilent,
+    /// No data message either way for `idle_timeout`.
+    IdleTimeout,
+    /// Closed through the admin API (`DELETE /connections/{id}`).
+    ClosedByOperator,
 }
 
 impl Outcome {
@@ -69,6 +89,7 @@ impl Outcome {
             Outcome::ClientTlsError => "client_tls_error",
             Outcome::ClientTimeout => "client_timeout",
             Outcome::NoRequest => "no_request",
+            Outcome::BadProxyHeader => "bad_proxy_header",
             Outcome::ClientClosed => "client_closed",
             Outcome::UpstreamClosed => "upstream_closed",
             Outcome::ClientGone => "client_gone",
@@ -76,6 +97,15 @@ impl Outcome {
             Outcome::MessageTooBig => "message_too_big",
             Outcome::ClientProtocolError => "client_protocol_error",
             Outcome::Shutdown => "shutdown",
+            Outcome::ForbiddenOrigin => "forbidden_origin",
+            Outcome::OverMaxConnections => "over_max_connections",
+            Outcome::OverMaxConnectionsPerIp => "over_max_connections_per_ip",
+            Outcome::OverHandshakeRate => "over_handshake_rate",
+            Outcome::UpstreamProxyError => "upstream_proxy_error",
+            Outcome::ClientSilent => "client_silent",
+            Outcome::UpstreamSilent => "upstream_silent",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::ClosedByOperator => "closed_by_operator",
         }
     }
 
@@ -85,6 +115,7 @@ impl Outcome {
             Outcome::NotWebsocket => StatusCode::UPGRADE_REQUIRED,
             Outcome::NotFound => StatusCode::NOT_FOUND,
             Outcome::BadRequest | Outcome::BadRegion => StatusCode::BAD_REQUEST,
+            Outcome::ForbiddenOrigin => StatusCode::FORBIDDEN,
             Outcome::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -97,6 +128,9 @@ impl Outcome {
         match self {
             Outcome::TokenExpired => close_code::POLICY,
             Outcome::Shutdown => close_code::RESTART,
+            Outcome::OverMaxConnections | Outcome::OverMaxConnectionsPerIp | Outcome::OverHandshakeRate => {
+                close_code::TRY_AGAIN
+            }
             _ => close_code::BAD_GATEWAY,
         }
     }
@@ -124,6 +158,7 @@ pub mod close_code {
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
+    pub const TRY_AGAIN: u16 = 1013;
     pub const BAD_GATEWAY: u16 = 1014;
 }
 
@@ -140,6 +175,12 @@ pub enum Ending {
     ProtocolError(Side),
     /// The relay is shutting down.
     Shutdown,
+    /// This side answered none of the relay's pings.
+    Silent(Side),
+    /// No data message either way for `idle_timeout`.
+    Idle,
+    /// An operator closed it through the admin API.
+    Operator,
 }
 
 impl Ending {
@@ -154,6 +195,10 @@ impl Ending {
             Ending::ProtocolError(Side::Upstream) => Outcome::UpstreamProtocolError,
             Ending::ProtocolError(_) => Outcome::ClientProtocolError,
             Ending::Shutdown => Outcome::Shutdown,
+            Ending::Silent(Side::Upstream) => Outcome::UpstreamSilent,
+            Ending::Silent(_) => Outcome::ClientSilent,
+            Ending::Idle => Outcome::IdleTimeout,
+            Ending::Operator => Outcome::ClosedByOperator,
         }
     }
 
@@ -161,7 +206,12 @@ impl Ending {
     pub fn closed_by(self) -> Side {
         match self {
             Ending::Closed(side) | Ending::Gone(side) => side,
-            Ending::TooBig(_) | Ending::ProtocolError(_) | Ending::Shutdown => Side::Relay,
+            Ending::TooBig(_)
+            | Ending::ProtocolError(_)
+            | Ending::Shutdown
+            | Ending::Silent(_)
+            | Ending::Idle
+            | Ending::Operator => Side::Relay,
         }
     }
 
@@ -180,6 +230,7 @@ impl Ending {
             Ending::ProtocolError(Side::Upstream) => Some(BAD_GATEWAY),
             Ending::TooBig(_) | Ending::ProtocolError(_) => Some(GOING_AWAY),
             Ending::Shutdown => Some(RESTART),
+            Ending::Silent(_) | Ending::Idle | Ending::Operator => Some(GOING_AWAY),
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -60,10 +60,36 @@ pub struct PumpOptions<'a> {
     pub max_message_size: u64,
     /// Written into the close reasons the relay sends: `<outcome> conn=<id>`.
     pub conn_id: &'a str,
+    /// Ping both sides this often; a side that sends nothing between two pings is closed.
+    pub ping_interval: Option<Duration>,
+    /// Close after this long without a data message either way.
+    pub idle_timeout: Option<Duration>,
+    /// After shutdown fires, wait a random time up to this before closing.
+    pub drain_jitter: Duration,
+    /// Fleet-wide message and byte counters.
+    pub metrics: Option<&'a crate::metrics::Metrics>,
 }
 
-/// Relays until both directions have ended, or `shutdown` fires (then both sides get 1012).
-/// `initial` holds browser bytes already read (the first message), relayed first.
+impl PumpOptions<'_> {
+    /// Options with only a size limit, for tests.
+    pub fn new(max_message_size: u64, conn_id: &str) -> PumpOptions<'_> {
+        PumpOptions {
+            max_message_size,
+            conn_id,
+            ping_interval: None,
+            idle_timeout: None,
+            drain_jitter: Duration::ZERO,
+            metrics: None,
+        }
+    }
+}
+
+/// Payload of the relay's own pings.
+const PING_PAYLOAD: &[u8] = b"sigrelay";
+
+/// Relays until both directions have ended, `shutdown` fires (then, after a random part of
+/// `drain_jitter`, both sides get 1012), `operator` fires (1001 "closed by operator"), or the
+/// connection idles out. `initial` holds browser bytes already read (the first message).
 pub async fn relay<CR, CW, UR, UW>(
     client: (CR, CW),
     upstream: (UR, UW),
@@ -71,6 +97,7 @@ pub async fn relay<CR, CW, UR, UW>(
     opts: &PumpOptions<'_>,
     counters: &Counters,
     shutdown: &CancellationToken,
+    operator: &CancellationToken,
 ) -> PumpEnd
 where
     CR: AsyncRead + Unpin,
@@ -85,20 +112,33 @@ where
         finished: AtomicUsize::new(0),
         conn_id: opts.conn_id,
         counters,
+        metrics: opts.metrics,
+        start: Instant::now(),
+        last_seen: [AtomicU64::new(0), AtomicU64::new(0)],
+        last_data: AtomicU64::new(0),
     };
-    let mut up = Direction::new(Side::Client, client.0, upstream.1, opts.max_message_size);
-    let mut down = Direction::new(Side::Upstream, upstream.0, client.1, opts.max_message_size);
+    let mut up = Direction::new(Side::Client, client.0, upstream.1, opts);
+    let mut down = Direction::new(Side::Upstream, upstream.0, client.1, opts);
     let both = async {
         tokio::join!(up.run_and_finish(initial, &shared), down.run_and_finish(Vec::new(), &shared));
     };
+    let watch = async {
+        let ending = tokio::select! {
+            _ = async {
+                shutdown.cancelled().await;
+                let jitter = opts.drain_jitter.mul_f64(rand::random::<f64>());
+                tokio::time::sleep(jitter).await;
+            } => Ending::Shutdown,
+            _ = operator.cancelled() => Ending::Operator,
+            _ = idle(&shared, opts.idle_timeout) => Ending::Idle,
+        };
+        shared.decide(ending, None);
+        shared.stop.cancel();
+        std::future::pending::<()>().await
+    };
     tokio::select! {
         _ = both => {}
-        _ = async {
-            shutdown.cancelled().await;
-            shared.decide(Ending::Shutdown, None);
-            shared.stop.cancel();
-            std::future::pending::<()>().await
-        } => {}
+        _ = watch => {}
     }
     let first = shared.first.lock().unwrap().take();
     let (ending, peer_close) = first.unwrap_or((Ending::Shutdown, None));
@@ -110,6 +150,19 @@ where
         }
     };
     PumpEnd { ending, close_code, close_reason }
+}
+
+/// Resolves once no data message has passed either way for `timeout`; never when `None`.
+async fn idle(shared: &Shared<'_>, timeout: Option<Duration>) {
+    let Some(timeout) = timeout else { return std::future::pending().await };
+    loop {
+        let last = Duration::from_millis(shared.last_data.load(Ordering::Relaxed));
+        let deadline = shared.start + last + timeout;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline.into()).await;
+    }
 }
 
 type PeerClose = Option<(Option<u16>, String)>;
@@ -124,6 +177,12 @@ struct Shared<'a> {
     finished: AtomicUsize,
     conn_id: &'a str,
     counters: &'a Counters,
+    metrics: Option<&'a crate::metrics::Metrics>,
+    start: Instant,
+    /// Milliseconds after `start` when each side (client, upstream) last sent anything.
+    last_seen: [AtomicU64; 2],
+    /// Milliseconds after `start` of the last data message either way.
+    last_data: AtomicU64,
 }
 
 impl Shared<'_> {
@@ -139,7 +198,18 @@ impl Shared<'_> {
     }
 
     fn reason(&self, ending: Ending) -> &str {
-        self.reason.get_or_init(|| format!("{} conn={}", ending.outcome(), self.conn_id))
+        self.reason.get_or_init(|| match ending {
+            Ending::Operator => "closed by operator".to_string(),
+            _ => format!("{} conn={}", ending.outcome(), self.conn_id),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    fn seen(&self, side: Side) -> &AtomicU64 {
+        &self.last_seen[(side == Side::Upstream) as usize]
     }
 }
 
@@ -154,6 +224,8 @@ enum DirEnd {
     WriteFailed,
     TooBig,
     Protocol(FrameError),
+    /// The writing side answered none of the relay's pings.
+    Silent,
     /// The connection is ending for another reason.
     Stopped,
 }
@@ -264,10 +336,16 @@ struct Direction<R, W> {
     scanner: Scanner,
     /// The last write stopped part-way through, so nothing more can be framed on this writer.
     write_torn: bool,
+    /// Fixed-period ping ticks (not reset by traffic from the reading side, which says nothing
+    /// about whether the writing side is still there).
+    ping_timer: Option<tokio::time::Interval>,
+    /// When this direction last pinged its writing side (ms after the connection's start).
+    pinged_at: Option<u64>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
-    fn new(from: Side, reader: R, writer: W, max_message_size: u64) -> Self {
+    fn new(from: Side, reader: R, writer: W, opts: &PumpOptions<'_>) -> Self {
+        let max_message_size = opts.max_message_size;
         let to = if from == Side::Client { Side::Upstream } else { Side::Client };
         Direction {
             to,
@@ -286,6 +364,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 msgs: 0,
             },
             write_torn: false,
+            ping_timer: opts.ping_interval.map(|p| {
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            }),
+            pinged_at: None,
         }
     }
 
@@ -311,6 +395,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 tracing::debug!(side = ?from, error = %e, "framing error");
                 shared.decide(Ending::ProtocolError(from), None)
             }
+            DirEnd::Silent => shared.decide(Ending::Silent(self.to), None),
             DirEnd::Stopped => {}
         }
         shared.stop.cancel();
@@ -352,11 +437,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             let read = tokio::select! {
                 r = self.reader.read(&mut self.buf[self.end..]) => r,
                 _ = shared.stop.cancelled() => return DirEnd::Stopped,
+                _ = tick(&mut self.ping_timer) => {
+                    if let Some(end) = self.ping(shared).await {
+                        return end;
+                    }
+                    continue;
+                }
             };
             match read {
                 Ok(0) | Err(_) => return DirEnd::ReadEnded,
                 Ok(n) => self.end += n,
             }
+            shared.seen(self.scanner.from).store(shared.now_ms(), Ordering::Relaxed);
             let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
             let chunk = std::mem::take(&mut self.buf);
             let result = self.forward(&chunk[self.start..self.end], n, stop, shared).await;
@@ -366,6 +458,35 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 return end;
             }
         }
+    }
+
+    /// Pings the writing side, unless it has sent nothing since the last ping: then it is silent.
+    /// Pongs come back through the other direction and are forwarded; an unsolicited pong is
+    /// allowed (RFC 6455 §5.5.3), so the far side may ignore it.
+    async fn ping(&mut self, shared: &Shared<'_>) -> Option<DirEnd> {
+        if let Some(pinged) = self.pinged_at {
+            if shared.seen(self.to).load(Ordering::Relaxed) < pinged {
+                return Some(DirEnd::Silent);
+            }
+        }
+        if self.scanner.remaining != 0 || self.write_torn {
+            return None;
+        }
+        let mut frame = Vec::with_capacity(frame::MAX_HEADER_LEN + PING_PAYLOAD.len());
+        let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
+        frame::encode_frame(&mut frame, OpCode::Ping, PING_PAYLOAD, mask);
+        self.pinged_at = Some(shared.now_ms());
+        tokio::select! {
+            r = self.writer.write_all(&frame) => if r.is_err() { self.write_torn = true; return Some(DirEnd::WriteFailed) },
+            _ = shared.stop.cancelled() => {
+                self.write_torn = true;
+                return Some(DirEnd::Stopped);
+            }
+        }
+        if self.writer.flush().await.is_err() {
+            return Some(DirEnd::WriteFailed);
+        }
+        None
     }
 
     /// Writes the first `n` bytes of `data` to the other side and accounts for them.
@@ -384,6 +505,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             }
             let msgs = std::mem::take(&mut self.scanner.msgs);
             shared.counters.add(self.scanner.from, msgs, n as u64);
+            if msgs > 0 {
+                shared.last_data.store(shared.now_ms(), Ordering::Relaxed);
+            }
+            if let Some(m) = shared.metrics {
+                let (mc, bc) = match self.scanner.from {
+                    Side::Upstream => (&m.msgs_down, &m.bytes_down),
+                    _ => (&m.msgs_up, &m.bytes_up),
+                };
+                mc.inc_by(msgs);
+                bc.inc_by(n as u64);
+            }
         }
         if let Err(_) = self.writer.flush().await {
             return Some(DirEnd::WriteFailed);
@@ -393,6 +525,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             Stop::TooBig => DirEnd::TooBig,
             Stop::Protocol(e) => DirEnd::Protocol(e),
         })
+    }
+}
+
+/// The timer's next tick, or never when there is no timer.
+async fn tick(timer: &mut Option<tokio::time::Interval>) {
+    match timer {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -416,8 +558,8 @@ mod tests {
         let sd = shutdown.clone();
         let task = tokio::spawn(async move {
             let counters = Counters::default();
-            let opts = PumpOptions { max_message_size: max, conn_id: "C1" };
-            let end = relay(split(relay_client), split(relay_up), initial, &opts, &counters, &sd).await;
+            let opts = PumpOptions::new(max, "C1");
+            let end = relay(split(relay_client), split(relay_up), initial, &opts, &counters, &sd, &CancellationToken::new()).await;
             let c = [&counters.msgs_up, &counters.msgs_down, &counters.bytes_up, &counters.bytes_down]
                 .map(|a| a.load(Ordering::Relaxed));
             (end, c)

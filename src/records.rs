@@ -39,6 +39,7 @@ pub struct HandshakeRecord {
     pub error: Option<String>,
     pub tls_ms: Option<f64>,
     pub upstream_dns_ms: Option<f64>,
+    pub upstream_proxy_ms: Option<f64>,
     pub upstream_connect_ms: Option<f64>,
     pub upstream_tls_ms: Option<f64>,
     pub upstream_ws_ms: Option<f64>,
@@ -85,9 +86,16 @@ pub fn millis(d: Duration) -> f64 {
 }
 
 /// A cloneable handle that writes records.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Records {
     tx: mpsc::UnboundedSender<String>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl std::fmt::Debug for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Records")
+    }
 }
 
 /// Waits for every record sent before it to be written.
@@ -117,17 +125,23 @@ impl Records {
                 }
             })
             .expect("spawning the records thread");
-        (Records { tx }, RecordsWriter { thread: Some(thread) })
+        (Records { tx, metrics: Default::default() }, RecordsWriter { thread: Some(thread) })
     }
 
     /// Records delivered as JSON lines on a channel (for tests and embedding).
     pub fn channel() -> (Records, mpsc::UnboundedReceiver<String>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Records { tx }, rx)
+        (Records { tx, metrics: Default::default() }, rx)
+    }
+
+    /// The metrics the records feed (handshake and close counts, handshake times).
+    pub fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
+        &self.metrics
     }
 
     /// Writes a handshake record, stamping its time.
     pub fn handshake(&self, mut record: HandshakeRecord) {
+        self.metrics.handshake(&record);
         record.ts = now_rfc3339();
         self.send(&record);
     }
@@ -135,6 +149,7 @@ impl Records {
     /// Writes a close record, stamping its time.
     pub fn close(&self, mut record: CloseRecord) {
         record.event = "close";
+        self.metrics.close(&record);
         record.ts = now_rfc3339();
         self.send(&record);
     }

@@ -19,7 +19,10 @@ use crate::registry::LiveConn;
 use crate::routing::{Chosen, RouteEntry};
 use crate::token::{self, TokenInfo};
 use crate::upstream::{Connected, ForwardHeaders, Timings, UpstreamError};
-use crate::App;
+use crate::limits::Permit;
+use crate::metrics::RouteRegion;
+use crate::{App, Current};
+use tokio_util::sync::CancellationToken;
 
 /// The first message is scanned for a token only if it is at most this long; the SDK's hello
 /// and connect messages are far smaller.
@@ -28,12 +31,18 @@ const FIRST_MESSAGE_SCAN_LIMIT: usize = 64 * 1024;
 /// What the handshake learned before the 101, handed to the session.
 pub struct Session {
     pub record: HandshakeRecord,
+    /// The configuration in force when the request arrived; `route` indexes its routes.
+    pub current: Arc<Current>,
     pub route: usize,
     pub path_region: Option<String>,
     pub query_region: Option<String>,
     pub headers: ForwardHeaders,
     /// When the request arrived; `total_ms` counts from here.
     pub started: Instant,
+    /// This connection's place under the limits, held until it ends.
+    pub permit: Option<Permit>,
+    /// The limit this connection is over: it is closed with 1013 once upgraded.
+    pub refused: Option<Outcome>,
 }
 
 /// Runs one relayed connection to its end. Every path writes exactly one handshake record.
@@ -51,6 +60,10 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
             }
         };
         let mut client = client;
+        if let Some(outcome) = s.refused {
+            fail(&app, &mut client, &mut s, outcome, format!("limit reached: {outcome}")).await;
+            return;
+        }
         let shutdown = app.shutdown.close.clone();
         // Boxed so its state (TLS and HTTP handshakes) is freed once connected, instead of
         // sizing the long-lived task for it.
@@ -76,8 +89,9 @@ async fn connect(
     client: &mut TokioIo<hyper::upgrade::Upgraded>,
     s: &mut Session,
 ) -> Option<(Connected, FirstMessage)> {
-    let entry = app.router.entry(s.route);
-    let server = &app.config.server;
+    let current = s.current.clone();
+    let entry = current.router.entry(s.route);
+    let server = &current.config.server;
     let (path_region, query_region) = (s.path_region.as_deref(), s.query_region.as_deref());
     let mut timings = Timings::default();
 
@@ -111,6 +125,7 @@ async fn connect(
     s.headers = ForwardHeaders::default();
     let r = &mut s.record;
     r.upstream_dns_ms = timings.dns.map(millis);
+    r.upstream_proxy_ms = timings.proxy.map(millis);
     r.upstream_connect_ms = timings.connect.map(millis);
     r.upstream_tls_ms = timings.tls.map(millis);
     r.upstream_ws_ms = timings.websocket.map(millis);
@@ -184,17 +199,34 @@ async fn relay(
     app.records.handshake(record);
 
     let counters = Arc::new(Counters::default());
-    let _live = app.registry.insert(LiveConn {
-        conn_id: close.conn_id.clone(),
-        client_addr: close.client_addr,
-        route: close.route.clone(),
-        region: close.region.clone(),
-        upstream: close.upstream_url.clone(),
-        started: Instant::now(),
-        counters: counters.clone(),
-    });
+    let operator = CancellationToken::new();
+    let gauge = app.metrics().live.get_or_create(&RouteRegion {
+        route: close.route.clone().unwrap_or_default(),
+        region: close.region.clone().unwrap_or_default(),
+    }).clone();
+    let _live = app.registry.insert(
+        LiveConn {
+            conn_id: close.conn_id.clone(),
+            client_addr: close.client_addr,
+            route: close.route.clone(),
+            region: close.region.clone(),
+            upstream: close.upstream_url.clone(),
+            started: Instant::now(),
+            counters: counters.clone(),
+            operator: operator.clone(),
+        },
+        gauge,
+    );
     let relayed_at = Instant::now();
-    let opts = PumpOptions { max_message_size: app.config.server.max_message_size, conn_id: &close.conn_id };
+    let server = &s.current.config.server;
+    let opts = PumpOptions {
+        max_message_size: server.max_message_size,
+        conn_id: &close.conn_id,
+        ping_interval: server.ping_interval,
+        idle_timeout: server.idle_timeout,
+        drain_jitter: server.drain_jitter,
+        metrics: Some(app.metrics()),
+    };
     let end = pump::relay(
         tokio::io::split(client),
         tokio::io::split(upstream.io),
@@ -202,6 +234,7 @@ async fn relay(
         &opts,
         &counters,
         &app.shutdown.close,
+        &operator,
     )
     .await;
     tracing::debug!(outcome = %end.ending.outcome(), "relay ended");

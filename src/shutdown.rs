@@ -27,9 +27,9 @@ pub async fn drain(app: &App, accepting: JoinHandle<()>) {
     app.tracker.close();
     let live = app.registry.len();
     if live > 0 {
-        tracing::info!(live, drain_timeout = ?app.config.server.drain_timeout, "draining live connections");
+        tracing::info!(live, drain_timeout = ?app.current().config.server.drain_timeout, "draining live connections");
     }
-    if tokio::time::timeout(app.config.server.drain_timeout, app.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(app.current().config.server.drain_timeout, app.tracker.wait()).await.is_err() {
         tracing::info!(live = app.registry.len(), "drain timeout reached; closing the rest with 1012");
         app.shutdown.close.cancel();
         if tokio::time::timeout(FORCE_GRACE, app.tracker.wait()).await.is_err() {

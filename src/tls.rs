@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::crypto::ring;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -69,17 +70,113 @@ pub fn ensure_dev_cert(cert: &Path, key: &Path) -> Result<bool, TlsError> {
     Ok(true)
 }
 
-/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `http/1.1`.
-pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs("server.cert", &config.server.cert)?;
-    let key = load_key("server.key", &config.server.key)?;
+/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `http/1.1`, certificates from `store`.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut tls = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| file_error("server.key", &config.server.key, format!("does not match server.cert: {e}")))?;
+        .with_cert_resolver(store);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(tls))
+}
+
+/// The listener's certificates: the default pair and `[[server.certs]]`, picked by SNI, and
+/// swapped whole on reload so a handshake sees either the old set or the new one.
+#[derive(Debug)]
+pub struct CertStore {
+    current: arc_swap::ArcSwap<CertSet>,
+    /// Fingerprint of the files' contents when last loaded, to notice changes.
+    loaded_from: std::sync::Mutex<u64>,
+}
+
+#[derive(Debug)]
+struct CertSet {
+    default: Arc<CertifiedKey>,
+    extra: Vec<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads every configured pair; fails on the first unusable one.
+    pub fn load(config: &Config) -> Result<CertStore, TlsError> {
+        let set = CertSet::load(config)?;
+        Ok(CertStore {
+            current: arc_swap::ArcSwap::from_pointee(set),
+            loaded_from: std::sync::Mutex::new(files_fingerprint(config)),
+        })
+    }
+
+    /// Re-reads the files; on any error the certificates in service stay. Returns whether
+    /// anything was reloaded.
+    pub fn reload(&self, config: &Config) -> Result<bool, TlsError> {
+        let fingerprint = files_fingerprint(config);
+        let mut loaded_from = self.loaded_from.lock().unwrap();
+        if *loaded_from == fingerprint {
+            return Ok(false);
+        }
+        let set = CertSet::load(config)?;
+        self.current.store(Arc::new(set));
+        *loaded_from = fingerprint;
+        Ok(true)
+    }
+}
+
+impl CertSet {
+    fn load(config: &Config) -> Result<CertSet, TlsError> {
+        let default = certified_key(&config.server.cert, &config.server.key)?;
+        let extra = config
+            .server
+            .certs
+            .iter()
+            .map(|pair| certified_key(&pair.cert, &pair.key))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CertSet { default, extra })
+    }
+}
+
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = load_certs("server.cert", cert)?;
+    let key_der = load_key("server.key", key)?;
+    let signing = provider()
+        .key_provider
+        .load_private_key(key_der)
+        .map_err(|e| file_error("server.key", key, e))?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|e| file_error("server.key", key, format!("does not match {}: {e}", cert.display())))?;
+    Ok(Arc::new(ck))
+}
+
+/// A hash of the certificate and key files' contents (following symlinks, as Kubernetes swaps
+/// a mounted Secret by replacing a symlink).
+fn files_fingerprint(config: &Config) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let pairs = std::iter::once((&config.server.cert, &config.server.key))
+        .chain(config.server.certs.iter().map(|p| (&p.cert, &p.key)));
+    for (cert, key) in pairs {
+        for path in [cert, key] {
+            path.hash(&mut h);
+            std::fs::read(path).ok().hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+impl rustls::server::ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let set = self.current.load();
+        if let Some(sni) = hello.server_name() {
+            if let Ok(name) = rustls_pki_types::ServerName::try_from(sni) {
+                for ck in &set.extra {
+                    let valid = ck.end_entity_cert().ok().and_then(|der| webpki::EndEntityCert::try_from(der).ok())
+                        .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok());
+                    if valid {
+                        return Some(ck.clone());
+                    }
+                }
+            }
+        }
+        Some(set.default.clone())
+    }
 }
 
 /// The gateway-side TLS configuration: Mozilla's roots plus `ca_file`, full verification.

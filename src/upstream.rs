@@ -26,6 +26,7 @@ use crate::routing::UpstreamTarget;
 pub enum Phase {
     Dns,
     Connect,
+    Proxy,
     Tls,
     WebSocket,
 }
@@ -35,6 +36,7 @@ impl fmt::Display for Phase {
         f.write_str(match self {
             Phase::Dns => "dns",
             Phase::Connect => "connect",
+            Phase::Proxy => "proxy",
             Phase::Tls => "tls",
             Phase::WebSocket => "websocket",
         })
@@ -48,6 +50,8 @@ pub enum UpstreamError {
     Dns(String),
     #[error("connect: {0}")]
     Connect(String),
+    #[error("proxy: {0}")]
+    Proxy(String),
     #[error("timeout in the {phase} phase after {}", humantime::format_duration(*.after))]
     Timeout { phase: Phase, after: Duration },
     #[error("tls: {0}")]
@@ -64,6 +68,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Dns(_) => Outcome::UpstreamDnsError,
             UpstreamError::Connect(_) => Outcome::UpstreamConnectError,
+            UpstreamError::Proxy(_) => Outcome::UpstreamProxyError,
             UpstreamError::Timeout { .. } => Outcome::UpstreamTimeout,
             UpstreamError::Tls(_) => Outcome::UpstreamTlsError,
             UpstreamError::Rejected { .. } => Outcome::UpstreamRejected,
@@ -76,6 +81,7 @@ impl UpstreamError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
     pub dns: Option<Duration>,
+    pub proxy: Option<Duration>,
     pub connect: Option<Duration>,
     pub tls: Option<Duration>,
     pub websocket: Option<Duration>,
@@ -103,6 +109,7 @@ pub struct Connector {
     resolve: Arc<BTreeMap<String, SocketAddr>>,
     system_dns: bool,
     timeout: Duration,
+    proxy: Option<(String, u16)>,
 }
 
 impl Connector {
@@ -113,6 +120,7 @@ impl Connector {
             resolve: Arc::new(config.upstream.resolve.clone()),
             system_dns: config.upstream.system_dns,
             timeout: config.upstream.connect_timeout,
+            proxy: config.upstream.proxy.clone(),
         }
     }
 
@@ -139,14 +147,34 @@ impl Connector {
         phase: &mut Phase,
         timings: &mut Timings,
     ) -> Result<Connected, UpstreamError> {
+        // Through a proxy, DNS and TCP are for the proxy; the proxy resolves the gateway.
+        let (host, port) = match &self.proxy {
+            Some((h, p)) => (h.as_str(), *p),
+            None => (target.host.as_str(), target.port),
+        };
         let t = Instant::now();
-        let addrs = self.resolve(&target.host, target.port).await?;
+        let addrs = self.resolve(host, port).await?;
         timings.dns = Some(t.elapsed());
 
         *phase = Phase::Connect;
         let t = Instant::now();
-        let (tcp, addr) = connect_any(&addrs).await?;
+        let (mut tcp, mut addr) = connect_any(&addrs).await?;
         timings.connect = Some(t.elapsed());
+
+        if self.proxy.is_some() {
+            *phase = Phase::Proxy;
+            let t = Instant::now();
+            // A resolve override still names where the gateway is.
+            let authority = match self.resolve.get(&target.host) {
+                Some(a) => a.to_string(),
+                None => format!("{}:{}", target.host, target.port),
+            };
+            connect_through_proxy(&mut tcp, &authority).await?;
+            if let Some(a) = self.resolve.get(&target.host) {
+                addr = *a;
+            }
+            timings.proxy = Some(t.elapsed());
+        }
 
         *phase = Phase::Tls;
         let t = Instant::now();
@@ -182,6 +210,33 @@ impl Connector {
         }
         Ok(addrs)
     }
+}
+
+/// Asks an HTTP proxy to open a tunnel (`CONNECT`) and reads its answer, no further.
+async fn connect_through_proxy(tcp: &mut TcpStream, authority: &str) -> Result<(), UpstreamError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| UpstreamError::Proxy(e.to_string());
+    tcp.write_all(format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n").as_bytes())
+        .await
+        .map_err(io)?;
+    let mut head = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    // Byte by byte: nothing after the answer's blank line may be consumed, it is the tunnel's.
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 8192 {
+            return Err(UpstreamError::Proxy("answer head too long".into()));
+        }
+        if tcp.read(&mut byte).await.map_err(io)? == 0 {
+            return Err(UpstreamError::Proxy("closed the connection before answering CONNECT".into()));
+        }
+        head.push(byte[0]);
+    }
+    let status_line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
+    let ok = status_line.split_whitespace().nth(1).is_some_and(|code| code.starts_with('2'));
+    if !ok {
+        return Err(UpstreamError::Proxy(format!("CONNECT {authority} answered {status_line:?}")));
+    }
+    Ok(())
 }
 
 /// Tries each address in turn.

@@ -72,6 +72,7 @@ fn starts_on_the_shipped_config_and_stops_on_sigterm() {
     let mut child = Command::new(BIN)
         .current_dir(dir.path())
         .env("SIGRELAY_LISTEN", "127.0.0.1:0")
+        .env("SIGRELAY_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

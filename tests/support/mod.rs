@@ -176,8 +176,14 @@ impl Relay {
     /// Starts with `[server]` cert/key and `[upstream]` ca_file from `pki`; `extra` is appended
     /// TOML (use `server_extra` for keys in `[server]` and `upstream_extra` for `[upstream]`).
     pub async fn start(pki: &Pki, server_extra: &str, upstream_extra: &str, extra: &str) -> Relay {
+        Relay::start_with_admin(pki, server_extra, upstream_extra, "", extra).await
+    }
+
+    /// As `start`, with keys for `[admin]` (which listens on 127.0.0.1:0).
+    pub async fn start_with_admin(pki: &Pki, server_extra: &str, upstream_extra: &str, admin_extra: &str, extra: &str) -> Relay {
         let text = format!(
-            "[server]\ncert = {:?}\nkey = {:?}\n{server_extra}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n{upstream_extra}\n{extra}",
+            "[server]\ncert = {:?}\nkey = {:?}\n{server_extra}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n{upstream_extra}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}\n{extra}",
             pki.relay_cert, pki.relay_key, pki.ca_file
         );
         let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -195,9 +201,17 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-        let done = tokio::spawn(sigrelay::serve(app.clone(), listener, async {
+        let served = sigrelay::serve(app.clone(), listener, async {
             let _ = shutdown_rx.await;
-        }));
+        });
+        let done = tokio::spawn(async move { served.await.expect("relay serves") });
+        // The admin listener is bound inside serve; wait for it.
+        for _ in 0..200 {
+            if app.admin_addr.get().is_some() || app.current().config.admin.listen.is_none() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         Relay { addr, records: rx, app, shutdown: Some(tx), done: Some(done) }
     }
 

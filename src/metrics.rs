@@ -1,0 +1,135 @@
+//! Prometheus metrics, kept by prometheus-client and served on the admin listener.
+//!
+//! Handshake and close counts are taken from the records (one place decides an outcome); live
+//! connections from the registry's guards; messages and bytes from the frame pump.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteRegion {
+    pub route: String,
+    pub region: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteOutcome {
+    pub route: String,
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+fn seconds_histogram() -> Histogram {
+    // 0.5 ms to ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+/// Every metric sigrelay exports.
+pub struct Metrics {
+    registry: Registry,
+    pub live: Family<RouteRegion, Gauge>,
+    pub handshakes: Family<RouteOutcome, Counter>,
+    pub closes: Family<RouteOutcome, Counter>,
+    pub messages: Family<DirectionLabel, Counter>,
+    pub bytes: Family<DirectionLabel, Counter>,
+    pub handshake_seconds: Family<RouteOutcome, Histogram>,
+    pub upstream_phase_seconds: Family<PhaseLabel, Histogram>,
+    /// `messages{direction="up"}` and the like, resolved once so the pump adds without a lookup.
+    pub msgs_up: Counter,
+    pub msgs_down: Counter,
+    pub bytes_up: Counter,
+    pub bytes_down: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("sigrelay");
+        let live = Family::<RouteRegion, Gauge>::default();
+        let handshakes = Family::<RouteOutcome, Counter>::default();
+        let closes = Family::<RouteOutcome, Counter>::default();
+        let messages = Family::<DirectionLabel, Counter>::default();
+        let bytes = Family::<DirectionLabel, Counter>::default();
+        let handshake_seconds = Family::<RouteOutcome, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let upstream_phase_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        registry.register("connections_live", "Relayed connections now open, by route and region", live.clone());
+        registry.register("handshakes", "Handshake records, by route and outcome", handshakes.clone());
+        registry.register("closes", "Close records, by route and outcome", closes.clone());
+        registry.register("messages", "Data messages relayed, by direction (up: browser to gateway)", messages.clone());
+        registry.register("bytes", "WebSocket frame bytes relayed, by direction", bytes.clone());
+        registry.register("handshake_duration_seconds", "Time from request to handshake outcome", handshake_seconds.clone());
+        registry.register("upstream_phase_duration_seconds", "Time of each gateway connection phase", upstream_phase_seconds.clone());
+        let dir = |d| DirectionLabel { direction: d };
+        let msgs_up = messages.get_or_create(&dir("up")).clone();
+        let msgs_down = messages.get_or_create(&dir("down")).clone();
+        let bytes_up = bytes.get_or_create(&dir("up")).clone();
+        let bytes_down = bytes.get_or_create(&dir("down")).clone();
+        Metrics {
+            msgs_up,
+            msgs_down,
+            bytes_up,
+            bytes_down,
+            registry,
+            live,
+            handshakes,
+            closes,
+            messages,
+            bytes,
+            handshake_seconds,
+            upstream_phase_seconds,
+        }
+    }
+}
+
+impl Metrics {
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+
+    /// Counts a handshake record.
+    pub fn handshake(&self, r: &crate::records::HandshakeRecord) {
+        let label = RouteOutcome {
+            route: r.route.clone().unwrap_or_else(|| "-".into()),
+            outcome: r.outcome.map(|o| o.as_str()).unwrap_or("-").to_string(),
+        };
+        self.handshakes.get_or_create(&label).inc();
+        if let Some(ms) = r.total_ms {
+            self.handshake_seconds.get_or_create(&label).observe(ms / 1000.0);
+        }
+        for (phase, ms) in [
+            ("dns", r.upstream_dns_ms),
+            ("proxy", r.upstream_proxy_ms),
+            ("connect", r.upstream_connect_ms),
+            ("tls", r.upstream_tls_ms),
+            ("websocket", r.upstream_ws_ms),
+        ] {
+            if let Some(ms) = ms {
+                self.upstream_phase_seconds.get_or_create(&PhaseLabel { phase }).observe(ms / 1000.0);
+            }
+        }
+    }
+
+    /// Counts a close record.
+    pub fn close(&self, r: &crate::records::CloseRecord) {
+        let label = RouteOutcome {
+            route: r.route.clone().unwrap_or_else(|| "-".into()),
+            outcome: r.outcome.map(|o| o.as_str()).unwrap_or("-").to_string(),
+        };
+        self.closes.get_or_create(&label).inc();
+    }
+}
