@@ -98,6 +98,7 @@ where
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limit.saturating_sub(started.elapsed()).max(Duration::from_millis(100)))
+        .max_header_size(MAX_HEAD)
         .max_buf_size(MAX_HEAD);
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| handshake::handle(req, svc_ctx.clone()));

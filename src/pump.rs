@@ -341,6 +341,8 @@ struct Direction<R, W> {
     ping_timer: Option<tokio::time::Interval>,
     /// When this direction last pinged its writing side (ms after the connection's start).
     pinged_at: Option<u64>,
+    /// Pings in a row the writing side has not answered with anything.
+    unanswered: u32,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
@@ -370,6 +372,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 t
             }),
             pinged_at: None,
+            unanswered: 0,
         }
     }
 
@@ -460,13 +463,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         }
     }
 
-    /// Pings the writing side, unless it has sent nothing since the last ping: then it is silent.
-    /// Pongs come back through the other direction and are forwarded; an unsolicited pong is
-    /// allowed (RFC 6455 §5.5.3), so the far side may ignore it.
+    /// Pings the writing side; one that has sent nothing at all through two pings is silent
+    /// (a slow pong is not a dead peer). Pongs come back through the other direction and are
+    /// forwarded; an unsolicited pong is allowed (RFC 6455 §5.5.3), so the far side ignores it.
     async fn ping(&mut self, shared: &Shared<'_>) -> Option<DirEnd> {
         if let Some(pinged) = self.pinged_at {
             if shared.seen(self.to).load(Ordering::Relaxed) < pinged {
-                return Some(DirEnd::Silent);
+                self.unanswered += 1;
+                if self.unanswered >= 2 {
+                    return Some(DirEnd::Silent);
+                }
+            } else {
+                self.unanswered = 0;
             }
         }
         if self.scanner.remaining != 0 || self.write_torn {

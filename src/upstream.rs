@@ -196,6 +196,9 @@ impl Connector {
         if let Some(addr) = self.resolve.get(host) {
             return Ok(vec![*addr]);
         }
+        if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
         if !self.system_dns {
             return Err(UpstreamError::Dns(format!(
                 "{host} is not in [upstream.resolve] and upstream.system_dns is off"

@@ -8,6 +8,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod support;
+
 const BIN: &str = env!("CARGO_BIN_EXE_sigrelay");
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -155,4 +157,110 @@ fn https_get(addr: &str, cert: &Path, path: &str) -> String {
     let mut out = Vec::new();
     let _ = tls.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// SIGHUP reloads the file (a broken one is rejected with its problems and the running config
+/// kept); SIGTERM drains live relayed connections with 1012 and exits 0.
+#[test]
+fn sighup_reloads_and_sigterm_drains_live_connections() {
+    use futures_util::{SinkExt, StreamExt};
+    use sigrelay::mock_gateway::Mode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = support::Pki::new();
+    let gw = rt.block_on(support::Gateway::start(&pki, Mode::Echo));
+    let config = pki.dir.path().join("sigrelay.toml");
+    let write_config = |route: &str| {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\ndrain_timeout = \"300ms\"\ndrain_jitter = \"100ms\"\n\
+             [upstream]\nca_file = {:?}\nsystem_dns = false\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[routes]]\npath = \"{route}\"\nupstream = \"wss://{{region}}.vss.twilio.com/signaling\"\nregion_from = [\"path\"]\ndefault_region = \"au1\"\n{}",
+            pki.relay_cert, pki.relay_key, pki.ca_file, support::resolve_all_to(gw.addr)
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("/signaling");
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = rx.recv_timeout(Duration::from_secs(20)).expect("sigrelay printed its address");
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    let get = |path: &str| https_get(&addr, &pki.ca_file, path);
+    assert!(get("/signaling").starts_with("HTTP/1.1 426"));
+    let hup = |child: &std::process::Child| {
+        assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    };
+
+    // A good reload: the route moves.
+    write_config("/sig2");
+    hup(&child);
+    let moved = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        get("/sig2").starts_with("HTTP/1.1 426")
+    });
+    assert!(moved, "the new route answers after SIGHUP");
+    assert!(get("/signaling").starts_with("HTTP/1.1 404"));
+
+    // A bad reload: every problem logged, the running config kept.
+    std::fs::write(&config, "[server]\nlisten = \"nowhere\"\n[[routes]]\npath = \"x\"\n").unwrap();
+    hup(&child);
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains("reload rejected")) {
+        log.push(rx.recv_timeout(Duration::from_secs(10)).expect("a reload rejection in the log"));
+    }
+    // The message lists every problem, one per line.
+    let mut rejected = log.last().unwrap().clone();
+    while !(rejected.contains("server.listen") && rejected.contains("routes[0].path")) {
+        rejected += &rx.recv_timeout(Duration::from_secs(5)).unwrap_or_else(|_| panic!("problems missing: {rejected}"));
+    }
+    assert!(get("/sig2").starts_with("HTTP/1.1 426"));
+
+    // A live relayed connection, then SIGTERM.
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let close = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(pki.client_tls())
+            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{port}/au1/sig2"), tls).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "hi");
+        assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("close in time") {
+                Some(Ok(Message::Close(frame))) => break frame,
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    });
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1012);
+    assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(20)).code(), Some(0));
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    let closes: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["event"] == "close")
+        .collect();
+    assert_eq!(closes.len(), 1, "{stdout}");
+    assert_eq!((closes[0]["outcome"].as_str(), closes[0]["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
 }

@@ -339,6 +339,8 @@ pub enum Fault {
     TlsThenSilent(Arc<rustls::ServerConfig>),
     /// Finishes TLS and answers the request head with these bytes.
     TlsRespond(Arc<rustls::ServerConfig>, &'static str),
+    /// Finishes TLS, accepts the WebSocket upgrade, then never reads or writes again.
+    TlsUpgradeThenSilent(Arc<rustls::ServerConfig>),
 }
 
 /// Starts a fault gateway; returns its address.
@@ -354,6 +356,32 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                 Fault::Respond(bytes) => {
                     let bytes = *bytes;
                     tokio::spawn(async move { respond_after_head(tcp, bytes).await });
+                }
+                Fault::TlsUpgradeThenSilent(cfg) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                    tokio::spawn(async move {
+                        let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tls.read(&mut buf).await {
+                                Ok(n) if n > 0 => head.extend_from_slice(&buf[..n]),
+                                _ => return,
+                            }
+                        }
+                        let head = String::from_utf8_lossy(&head).into_owned();
+                        let key = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: ")))
+                            .unwrap_or_default()
+                            .trim()
+                            .to_string();
+                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                        let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+                        let _ = tls.write_all(resp.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                        drop(tls);
+                    });
                 }
                 Fault::TlsThenSilent(cfg) | Fault::TlsRespond(cfg, _) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
@@ -436,6 +464,12 @@ impl RawWs {
         self.tls.write_all(&frame).await.unwrap();
     }
 
+    pub async fn send_pong(&mut self) {
+        let mut frame = Vec::new();
+        sigrelay::frame::encode_frame(&mut frame, sigrelay::frame::OpCode::Pong, b"", Some([5, 6, 7, 8]));
+        self.tls.write_all(&frame).await.unwrap();
+    }
+
     /// The next frame's opcode and payload, or `None` at the end of the stream.
     pub async fn next_frame(&mut self) -> Option<(sigrelay::frame::OpCode, Vec<u8>)> {
         let mut chunk = [0u8; 4096];
@@ -465,4 +499,45 @@ impl RawWs {
         }
         None
     }
+}
+
+/// A plain HTTP/1.1 request (for the admin listener); returns the status and body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+impl Relay {
+    /// The admin listener's address.
+    pub fn admin(&self) -> SocketAddr {
+        *self.app.admin_addr.get().expect("admin listener")
+    }
+
+    /// A TLS connection with the given SNI; returns it and the certificate the relay presented.
+    pub async fn tls_as(&self, pki: &Pki, sni: &str) -> (TlsStream<TcpStream>, Vec<u8>) {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(pki.client_tls());
+        let tls = connector.connect(ServerName::try_from(sni.to_string()).unwrap(), tcp).await.unwrap();
+        let cert = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+        (tls, cert)
+    }
+}
+
+/// A WebSocket over an already-open stream (e.g. after writing a PROXY header).
+pub async fn ws_over<S>(stream: S, url: &str) -> WebSocketStream<S>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio_tungstenite::client_async(url, stream).await.expect("websocket upgrade").0
 }
