@@ -16,6 +16,7 @@ pub mod frame;
 pub mod handshake;
 pub mod limits;
 pub mod listener;
+pub mod loadtest;
 pub mod metrics;
 pub mod mock_gateway;
 pub mod outcome;

@@ -32,6 +32,8 @@ enum Command {
     },
     /// Run a stand-in for Twilio's gateways, to try or load-test a relay without Twilio.
     MockGateway(MockArgs),
+    /// Load-test a relay deployment (usually with `mock-gateway --mode echo` behind it).
+    Loadtest(LoadtestArgs),
     /// Probe a running relay's /healthz over TLS on loopback; exit 0 when it answers 200.
     /// Made for container HEALTHCHECKs: the image needs no curl or shell.
     Healthcheck {
@@ -41,6 +43,46 @@ enum Command {
         #[arg(long, env = "SIGRELAY_LISTEN")]
         listen: Option<SocketAddr>,
     },
+}
+
+#[derive(Args)]
+struct LoadtestArgs {
+    /// The relay URL, e.g. wss://127.0.0.1:8443/au1/signaling.
+    url: String,
+    /// idle: hold connections; churn: connect+TLS+upgrade+echo+close in a loop; echo: fixed-rate
+    /// numbered messages.
+    #[arg(long, value_enum, default_value_t = sigrelay::loadtest::Mode::Echo)]
+    mode: sigrelay::loadtest::Mode,
+    /// Connections (idle, echo), at most 100000.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    connections: usize,
+    /// Connections opened at once (idle, echo) or workers (churn).
+    #[arg(long, short = 'c', default_value_t = 32)]
+    concurrency: usize,
+    /// Messages per second over all connections (echo).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Message size in bytes (echo, at least 16).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// How long to run (churn, echo) or hold (idle); at most 10 minutes.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: std::time::Duration,
+    /// Local source addresses to spread connections over, e.g. 127.0.0.1,127.0.0.2.
+    #[arg(long, value_delimiter = ',')]
+    source_ip: Vec<std::net::IpAddr>,
+    /// PEM CA to trust for the relay's certificate (default: the public web roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Do not verify the relay's certificate.
+    #[arg(long, short = 'k')]
+    insecure: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Allow a target that is not on loopback: you are load-testing a deployment you run.
+    #[arg(long)]
+    allow_non_loopback: bool,
 }
 
 #[derive(Args)]
@@ -94,6 +136,14 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { config }) => check_config(&config),
         Some(Command::Run(args)) => run(args),
+        Some(Command::Loadtest(args)) => match loadtest(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("sigrelay loadtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Healthcheck { config, listen }) => match healthcheck(&config, listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -339,4 +389,51 @@ fn healthcheck(config: &std::path::Path, listen: Option<SocketAddr>) -> anyhow::
     stream.read_exact(&mut head).context("reading the response")?;
     anyhow::ensure!(&head == b"HTTP/1.1 200", "{addr}/healthz answered {:?}", String::from_utf8_lossy(&head));
     Ok(())
+}
+
+/// Returns whether the run was clean (no errors, nothing lost, reordered or duplicated).
+fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
+    use sigrelay::loadtest::{self, Plan};
+    loadtest::target(&args.url, args.allow_non_loopback).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.connections <= loadtest::MAX_CONNECTIONS, "--connections is at most {}", loadtest::MAX_CONNECTIONS);
+    anyhow::ensure!(args.duration <= loadtest::MAX_DURATION, "--duration is at most 10m");
+    anyhow::ensure!(args.rate <= loadtest::MAX_RATE, "--rate is at most {}", loadtest::MAX_RATE);
+    let tls = if args.insecure {
+        tls::probe_client_config()
+    } else {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        if let Some(ca) = &args.ca_file {
+            for cert in tls::load_certs("--ca-file", ca)? {
+                roots.add(cert)?;
+            }
+        }
+        std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
+    };
+    let plan = Plan {
+        url: args.url,
+        mode: args.mode,
+        connections: args.connections,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        size: args.size,
+        duration: args.duration,
+        source_ips: args.source_ip,
+        tls,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let report = rt.block_on(loadtest::run(plan, |n| eprintln!("loadtest: holding {n} connections")));
+    let report = report.map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(report.clean())
 }

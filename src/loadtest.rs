@@ -1,0 +1,545 @@
+//! `sigrelay loadtest`: a load-test client for a relay deployment, usually with the mock gateway
+//! in echo mode behind it.
+//!
+//! - `idle`: open N connections (each relays one message), hold them, report connect times;
+//! - `churn`: C workers loop connect + TLS + upgrade + one echo + close, report cycles per second;
+//! - `echo`: N connections send numbered messages at a fixed total rate, open loop (latency counts
+//!   from each message's intended send time, so a stall is not hidden), every echo checked for
+//!   loss, reordering and duplication.
+//!
+//! Runs are bounded in connections and time, and only loopback targets are allowed unless
+//! `--allow-non-loopback` says otherwise.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use rustls_pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Idle,
+    Churn,
+    Echo,
+}
+
+/// Upper bounds that keep a run from turning into a flood.
+pub const MAX_CONNECTIONS: usize = 100_000;
+pub const MAX_DURATION: Duration = Duration::from_secs(600);
+pub const MAX_RATE: u64 = 1_000_000;
+
+/// A load test's settings.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub url: String,
+    pub mode: Mode,
+    pub connections: usize,
+    pub concurrency: usize,
+    pub rate: u64,
+    pub size: usize,
+    pub duration: Duration,
+    pub source_ips: Vec<IpAddr>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub progress: bool,
+}
+
+/// Errors counted by cause.
+#[derive(Default)]
+struct Errors(Mutex<BTreeMap<String, u64>>);
+
+impl Errors {
+    fn add(&self, cause: impl Into<String>) {
+        *self.0.lock().unwrap().entry(cause.into()).or_insert(0) += 1;
+    }
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Serialize, Default)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p90_us: h.value_at_quantile(0.9),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: Mode,
+    pub url: String,
+    pub seconds: f64,
+    /// Connections established (idle, echo) or full cycles completed (churn).
+    pub completed: u64,
+    /// Cycles per second (churn), messages echoed per second (echo).
+    pub per_second: f64,
+    /// Connect-to-first-echo times (idle, churn) or echo latencies (echo).
+    pub latency: Percentiles,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub reordered: u64,
+    pub duplicated: u64,
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Report {
+    /// Whether the run saw no error and no lost, reordered or duplicated message.
+    pub fn clean(&self) -> bool {
+        self.errors.is_empty() && self.lost == 0 && self.reordered == 0 && self.duplicated == 0
+    }
+
+    /// A table for a terminal.
+    pub fn table(&self) -> String {
+        let l = &self.latency;
+        let what = match self.mode {
+            Mode::Idle => "connections held",
+            Mode::Churn => "handshake cycles",
+            Mode::Echo => "messages echoed",
+        };
+        let mut out = format!(
+            "mode       {:?}\nurl        {}\nseconds    {:.1}\n{what:<10} {} ({:.0}/s)\n",
+            self.mode, self.url, self.seconds, self.completed, self.per_second
+        );
+        out += &format!(
+            "latency    p50 {} µs  p90 {} µs  p99 {} µs  p99.9 {} µs  max {} µs  (n={})\n",
+            l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us, l.count
+        );
+        if self.mode == Mode::Echo {
+            out += &format!(
+                "messages   sent {}  received {}  lost {}  reordered {}  duplicated {}\n",
+                self.sent, self.received, self.lost, self.reordered, self.duplicated
+            );
+        }
+        if self.errors.is_empty() {
+            out += "errors     none\n";
+        } else {
+            for (cause, n) in &self.errors {
+                out += &format!("error      {n:>8}  {cause}\n");
+            }
+        }
+        out
+    }
+}
+
+/// Checks the target is on loopback (unless allowed otherwise) and returns its address.
+pub fn target(url: &str, allow_non_loopback: bool) -> Result<(SocketAddr, ServerName<'static>, http::Uri), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+    if uri.scheme_str() != Some("wss") {
+        return Err("the URL must be wss://".into());
+    }
+    let host = uri.host().ok_or("the URL has no host")?.trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or(format!("{host}: no address"))?;
+    if !addr.ip().is_loopback() && !allow_non_loopback {
+        return Err(format!(
+            "{addr} is not a loopback address; pass --allow-non-loopback to load-test a deployment you run"
+        ));
+    }
+    let name = ServerName::try_from(host).map_err(|e| e.to_string())?;
+    Ok((addr, name, uri))
+}
+
+type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+struct Client {
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    url: String,
+    tls: TlsConnector,
+    source_ips: Vec<IpAddr>,
+    next_source: AtomicU64,
+}
+
+impl Client {
+    async fn connect(&self) -> Result<Ws, String> {
+        let socket = if self.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| format!("socket: {e}"))?;
+        if !self.source_ips.is_empty() {
+            // Spread over several source addresses: one has only ~28k ephemeral ports.
+            let i = self.next_source.fetch_add(1, Ordering::Relaxed) as usize % self.source_ips.len();
+            socket.bind(SocketAddr::new(self.source_ips[i], 0)).map_err(|e| format!("bind: {e}"))?;
+        }
+        let tcp = socket.connect(self.addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.connect(self.name.clone(), tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+        let (ws, _) = tokio_tungstenite::client_async_with_config(self.url.as_str(), tls, Some(config))
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => format!("upgrade: HTTP {}", resp.status().as_u16()),
+                other => format!("upgrade: {other}"),
+            })?;
+        Ok(ws)
+    }
+}
+
+/// Sends one message and waits for its echo.
+async fn echo_one(ws: &mut Ws, payload: Vec<u8>) -> Result<(), String> {
+    ws.send(Message::binary(payload)).await.map_err(|e| format!("send: {e}"))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(_) | Message::Text(_))) => return Ok(()),
+            Some(Ok(Message::Close(frame))) => {
+                return Err(format!("closed: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("read: {e}")),
+            None => return Err("read: connection ended".into()),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn progress(plan: &Plan, len: u64, what: &str) -> indicatif::ProgressBar {
+    if !plan.progress {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what} {{msg}}"))
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Runs a plan. `on_held` is called once every idle connection is open.
+pub async fn run(plan: Plan, on_held: impl FnOnce(usize)) -> Result<Report, String> {
+    let (addr, name, uri) = target(&plan.url, true)?;
+    let client = Arc::new(Client {
+        addr,
+        name,
+        url: uri.to_string(),
+        tls: TlsConnector::from(plan.tls.clone()),
+        source_ips: plan.source_ips.clone(),
+        next_source: AtomicU64::new(0),
+    });
+    let errors = Arc::new(Errors::default());
+    let started = Instant::now();
+    let mut report = match plan.mode {
+        Mode::Idle => idle(&plan, client, errors.clone(), on_held).await,
+        Mode::Churn => churn(&plan, client, errors.clone()).await,
+        Mode::Echo => echo(&plan, client, errors.clone()).await,
+    };
+    report.seconds = started.elapsed().as_secs_f64();
+    report.errors = std::mem::take(&mut *errors.0.lock().unwrap());
+    Ok(report)
+}
+
+fn empty_report(plan: &Plan) -> Report {
+    Report {
+        mode: plan.mode,
+        url: plan.url.clone(),
+        seconds: 0.0,
+        completed: 0,
+        per_second: 0.0,
+        latency: Percentiles::default(),
+        sent: 0,
+        received: 0,
+        lost: 0,
+        reordered: 0,
+        duplicated: 0,
+        errors: BTreeMap::new(),
+    }
+}
+
+async fn idle(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>, on_held: impl FnOnce(usize)) -> Report {
+    let bar = progress(plan, plan.connections as u64, "connections");
+    let gate = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
+    let hist = Arc::new(Mutex::new(histogram()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..plan.connections {
+        let (client, gate, hist, errors, bar) = (client.clone(), gate.clone(), hist.clone(), errors.clone(), bar.clone());
+        tasks.spawn(async move {
+            let permit = gate.acquire_owned().await.expect("semaphore open");
+            let t = Instant::now();
+            let result = async {
+                let mut ws = client.connect().await?;
+                echo_one(&mut ws, format!("idle {i}").into_bytes()).await?;
+                Ok::<_, String>(ws)
+            }
+            .await;
+            drop(permit);
+            bar.inc(1);
+            match result {
+                Ok(ws) => {
+                    let _ = hist.lock().unwrap().record(t.elapsed().as_micros() as u64);
+                    Some(ws)
+                }
+                Err(e) => {
+                    errors.add(e);
+                    None
+                }
+            }
+        });
+    }
+    let mut held = Vec::with_capacity(plan.connections);
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Some(ws)) = r {
+            held.push(ws);
+        }
+    }
+    bar.finish_and_clear();
+    let opened = Instant::now();
+    on_held(held.len());
+    // Hold, answering pings, until the duration is over.
+    let mut readers = tokio::task::JoinSet::new();
+    let errors2 = errors.clone();
+    for mut ws in held.drain(..) {
+        let errors = errors2.clone();
+        readers.spawn(async move {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => {
+                        errors.add(format!("closed while held: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                        return;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        errors.add(format!("read while held: {e}"));
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        });
+    }
+    tokio::time::sleep(plan.duration).await;
+    let holding = readers.len();
+    readers.shutdown().await;
+    let mut report = empty_report(plan);
+    report.completed = holding as u64;
+    report.per_second = holding as f64 / opened.elapsed().as_secs_f64().max(1e-9);
+    report.latency = Percentiles::of(&hist.lock().unwrap());
+    report
+}
+
+async fn churn(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
+    let deadline = Instant::now() + plan.duration;
+    let hist = Arc::new(Mutex::new(histogram()));
+    let cycles = Arc::new(AtomicU64::new(0));
+    let bar = progress(plan, plan.duration.as_secs().max(1), "s");
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..plan.concurrency.max(1) {
+        let (client, errors, hist, cycles) = (client.clone(), errors.clone(), hist.clone(), cycles.clone());
+        tasks.spawn(async move {
+            let mut local = histogram();
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let result = async {
+                    let mut ws = client.connect().await?;
+                    echo_one(&mut ws, format!("churn {w}").into_bytes()).await?;
+                    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
+                    while let Some(Ok(_)) = ws.next().await {}
+                    Ok::<_, String>(())
+                }
+                .await;
+                match result {
+                    Ok(()) => {
+                        cycles.fetch_add(1, Ordering::Relaxed);
+                        let _ = local.record(t.elapsed().as_micros() as u64);
+                    }
+                    Err(e) => errors.add(e),
+                }
+            }
+            hist.lock().unwrap().add(&local).expect("same bounds");
+        });
+    }
+    let started = Instant::now();
+    let ticker = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            bar.set_position(started.elapsed().as_secs());
+            bar.set_message(format!("{} cycles", cycles.load(Ordering::Relaxed)));
+        }
+    };
+    tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+        _ = ticker => {}
+    }
+    bar.finish_and_clear();
+    let mut report = empty_report(plan);
+    report.completed = cycles.load(Ordering::Relaxed);
+    report.per_second = report.completed as f64 / started.elapsed().as_secs_f64();
+    report.latency = Percentiles::of(&hist.lock().unwrap());
+    report
+}
+
+/// Per-connection message accounting for the echo mode.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    received: u64,
+    lost: u64,
+    reordered: u64,
+    duplicated: u64,
+}
+
+async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
+    let n = plan.connections.max(1);
+    // Each connection sends at rate/n, staggered so sends are spread evenly.
+    let interval = Duration::from_secs_f64(n as f64 / plan.rate.max(1) as f64);
+    let size = plan.size.max(16);
+    let bar = progress(plan, plan.duration.as_secs().max(1), "s");
+    let gate = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
+    let mut conns = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, gate, errors) = (client.clone(), gate.clone(), errors.clone());
+        conns.spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("semaphore open");
+            match client.connect().await {
+                Ok(ws) => Some(ws),
+                Err(e) => {
+                    errors.add(e);
+                    None
+                }
+            }
+        });
+    }
+    let mut sockets = Vec::new();
+    while let Some(r) = conns.join_next().await {
+        if let Ok(Some(ws)) = r {
+            sockets.push(ws);
+        }
+    }
+    let start = Instant::now() + Duration::from_millis(100);
+    let end = start + plan.duration;
+    let hist = Arc::new(Mutex::new(histogram()));
+    let totals = Arc::new(Mutex::new(Tally::default()));
+    let live = sockets.len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, ws) in sockets.into_iter().enumerate() {
+        let (errors, hist, totals) = (errors.clone(), hist.clone(), totals.clone());
+        let offset = interval.mul_f64(i as f64 / live as f64);
+        tasks.spawn(async move {
+            let (mut sink, mut stream) = ws.split();
+            let first = start + offset;
+            let sender = async {
+                let mut seq = 0u64;
+                let mut payload = vec![0u8; size];
+                loop {
+                    let intended = first + interval.mul_f64(seq as f64);
+                    if intended >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until(intended.into()).await;
+                    payload[..8].copy_from_slice(&seq.to_be_bytes());
+                    payload[8..16].copy_from_slice(&(intended.duration_since(start).as_nanos() as u64).to_be_bytes());
+                    if let Err(e) = sink.send(Message::binary(payload.clone())).await {
+                        errors.add(format!("send: {e}"));
+                        break;
+                    }
+                    seq += 1;
+                }
+                seq
+            };
+            let receiver = async {
+                let mut local = histogram();
+                let mut t = Tally::default();
+                let mut expected = 0u64;
+                let mut seen = std::collections::HashSet::new();
+                let grace = end + Duration::from_secs(2);
+                loop {
+                    let msg = tokio::time::timeout_at(grace.into(), stream.next()).await;
+                    let data = match msg {
+                        Ok(Some(Ok(Message::Binary(d)))) => d,
+                        Ok(Some(Ok(Message::Close(f)))) => {
+                            errors.add(format!("closed: {}", f.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                            break;
+                        }
+                        Ok(Some(Ok(_))) => continue,
+                        Ok(Some(Err(e))) => {
+                            errors.add(format!("read: {e}"));
+                            break;
+                        }
+                        Ok(None) | Err(_) => break,
+                    };
+                    if data.len() < 16 {
+                        errors.add("short echo");
+                        continue;
+                    }
+                    let seq = u64::from_be_bytes(data[..8].try_into().expect("8 bytes"));
+                    let intended_ns = u64::from_be_bytes(data[8..16].try_into().expect("8 bytes"));
+                    let latency = (Instant::now().duration_since(start).as_nanos() as u64).saturating_sub(intended_ns);
+                    let _ = local.record((latency / 1000).max(1));
+                    t.received += 1;
+                    if !seen.insert(seq) {
+                        t.duplicated += 1;
+                    } else if seq < expected {
+                        t.reordered += 1;
+                    } else {
+                        expected = seq + 1;
+                    }
+                }
+                (local, t, seen)
+            };
+            let (sent, (local, mut t, seen)) = tokio::join!(sender, receiver);
+            t.sent = sent;
+            t.lost = (0..sent).filter(|s| !seen.contains(s)).count() as u64;
+            let _ = sink.close().await;
+            hist.lock().unwrap().add(&local).expect("same bounds");
+            let mut total = totals.lock().unwrap();
+            total.sent += t.sent;
+            total.received += t.received;
+            total.lost += t.lost;
+            total.reordered += t.reordered;
+            total.duplicated += t.duplicated;
+        });
+    }
+    let ticker = async {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            bar.set_position(Instant::now().saturating_duration_since(start).as_secs());
+        }
+    };
+    tokio::select! {
+        _ = async { while tasks.join_next().await.is_some() {} } => {}
+        _ = ticker => {}
+    }
+    bar.finish_and_clear();
+    let t = totals.lock().unwrap();
+    let mut report = empty_report(plan);
+    report.completed = t.received;
+    report.per_second = t.received as f64 / plan.duration.as_secs_f64();
+    report.latency = Percentiles::of(&hist.lock().unwrap());
+    report.sent = t.sent;
+    report.received = t.received;
+    report.lost = t.lost;
+    report.reordered = t.reordered;
+    report.duplicated = t.duplicated;
+    report
+}
+
