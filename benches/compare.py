@@ -1,0 +1,369 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark: direct, nginx, HAProxy and sigrelay in front of the same TLS echo
+upstream (sigrelay mock-gateway --mode echo), driven by `sigrelay loadtest`, loopback only.
+
+Every scenario runs against every target in alternating order over several rounds; each proxy's
+RSS and CPU are sampled from /proc. Writes results.jsonl, results.md (medians and ratios to
+nginx) and an SVG plot into the output directory. Run through benches/compare.sh, which installs
+nginx and HAProxy from Debian if missing and builds sigrelay.
+
+    python3 benches/compare.py [--quick] [--rounds N] [--out DIR]
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGRELAY = os.path.join(ROOT, "target", "release", "sigrelay")
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def children(pid):
+    """pid and its descendants (nginx's workers)."""
+    out = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [c for p in f.read().split() for c in children(int(p))]
+    except OSError:
+        pass
+    return sorted(set(out))
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / TICK
+
+
+def rss_kib(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE // 1024
+        except OSError:
+            pass
+    return total
+
+
+def make_pki(d):
+    def run(*args):
+        subprocess.run(args, check=True, capture_output=True)
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+    with open(f"{d}/ext.cnf", "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:au1.vss.twilio.com\n")
+    run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", f"{d}/leaf.key", "-out", f"{d}/leaf.csr", "-subj", "/CN=localhost")
+    run("openssl", "x509", "-req", "-in", f"{d}/leaf.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+        "-CAcreateserial", "-out", f"{d}/leaf.pem", "-days", "2", "-extfile", f"{d}/ext.cnf")
+    with open(f"{d}/combined.pem", "w") as f:
+        f.write(open(f"{d}/leaf.pem").read() + open(f"{d}/leaf.key").read())
+
+
+class Target:
+    def __init__(self, name, port, proc=None):
+        self.name, self.port, self.proc = name, port, proc
+
+    def pids(self):
+        return children(self.proc.pid) if self.proc else []
+
+
+def start_targets(d, upstream_port):
+    targets = [Target("direct", upstream_port)]
+    devnull = subprocess.DEVNULL
+
+    port = free_port()
+    with open(f"{d}/nginx.conf", "w") as f:
+        f.write(f"""
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/nginx-body;
+  proxy_temp_path {d}/nginx-proxy;
+  fastcgi_temp_path {d}/nginx-fcgi;
+  uwsgi_temp_path {d}/nginx-uwsgi;
+  scgi_temp_path {d}/nginx-scgi;
+  server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {d}/leaf.pem;
+    ssl_certificate_key {d}/leaf.key;
+    location / {{
+      proxy_pass https://127.0.0.1:{upstream_port};
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade";
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+      proxy_buffering off;
+    }}
+  }}
+}}
+""")
+    nginx = subprocess.Popen(["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-g", "daemon off;"],
+                             stdout=devnull, stderr=devnull)
+    targets.append(Target("nginx", port, nginx))
+
+    port = free_port()
+    with open(f"{d}/haproxy.cfg", "w") as f:
+        f.write(f"""
+global
+  maxconn 9950
+  nbthread 2
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+  timeout tunnel 1h
+frontend fe
+  bind 127.0.0.1:{port} ssl crt {d}/combined.pem
+  default_backend be
+backend be
+  server up 127.0.0.1:{upstream_port} ssl verify none
+""")
+    haproxy = subprocess.Popen(["haproxy", "-f", f"{d}/haproxy.cfg", "-db"], stdout=devnull, stderr=devnull)
+    targets.append(Target("haproxy", port, haproxy))
+
+    port = free_port()
+    with open(f"{d}/sigrelay.toml", "w") as f:
+        f.write(f"""
+[server]
+listen = "127.0.0.1:{port}"
+cert = "{d}/leaf.pem"
+key = "{d}/leaf.key"
+[upstream]
+ca_file = "{d}/ca.pem"
+system_dns = false
+[upstream.resolve]
+"au1.vss.twilio.com" = "127.0.0.1:{upstream_port}"
+[admin]
+listen = "off"
+[limits]
+handshakes_per_ip_per_s = 1000000
+handshake_burst = 1000000
+""")
+    relay = subprocess.Popen([SIGRELAY, "run", "--config", f"{d}/sigrelay.toml", "--log", "warn"],
+                             stdout=devnull, stderr=devnull)
+    targets.append(Target("sigrelay", port, relay))
+    for t in targets:
+        wait_port(t.port)
+    return targets
+
+
+def loadtest(t, ca, args, on_held=None):
+    url = f"wss://127.0.0.1:{t.port}/au1/signaling"
+    cmd = [SIGRELAY, "loadtest", url, "--ca-file", ca, "--json",
+           "--source-ip", ",".join(f"127.0.0.{i}" for i in range(1, 9))] + args
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = None
+    if on_held:
+        for line in p.stderr:
+            if "holding" in line:
+                held = on_held()
+                break
+    out, err = p.communicate(timeout=900)
+    if not out.strip():
+        raise RuntimeError(f"loadtest failed: {err}")
+    return json.loads(out), held
+
+
+def scenario(name, t, ca, cfg):
+    pids = t.pids()
+    base_rss = rss_kib(pids)
+    c0 = cpu_seconds(pids)
+    row = {"scenario": name, "target": t.name}
+    if name == "idle":
+        n = cfg["idle"]
+        rep, held_rss = loadtest(t, ca, ["--mode", "idle", "-n", str(n), "-c", "200", "-d", "3s"],
+                                 on_held=lambda: (time.sleep(1.0), rss_kib(pids))[1])
+        row["held"] = rep["completed"]
+        if pids and rep["completed"]:
+            row["rss_per_conn_kib"] = (held_rss - base_rss) / rep["completed"]
+    elif name == "churn":
+        rep, _ = loadtest(t, ca, ["--mode", "churn", "-c", "32", "-d", cfg["duration"]])
+        row["cycles_per_s"] = rep["per_second"]
+        if pids and rep["completed"]:
+            row["cpu_ms_per_cycle"] = (cpu_seconds(pids) - c0) * 1000 / rep["completed"]
+    elif name in ("echo", "saturation"):
+        n, rate = (1000, cfg["rate"]) if name == "echo" else (100, 100000)
+        rep, _ = loadtest(t, ca, ["--mode", "echo", "-n", str(n), "--rate", str(rate), "--size", "256",
+                                  "-d", cfg["duration"], "-c", "200"])
+        row["per_s"] = rep["per_second"]
+        row["p50_us"] = rep["latency"]["p50_us"]
+        row["p99_us"] = rep["latency"]["p99_us"]
+        if pids and rep["received"]:
+            row["cpu_us_per_echo"] = (cpu_seconds(pids) - c0) * 1e6 / rep["received"]
+    row["errors"] = rep["errors"]
+    row["lost"] = rep.get("lost", 0)
+    row["reordered"] = rep.get("reordered", 0)
+    row["duplicated"] = rep.get("duplicated", 0)
+    return row
+
+
+FIGURES = [
+    ("idle", "rss_per_conn_kib", "RSS per idle relayed connection (KiB)", "lower"),
+    ("churn", "cycles_per_s", "handshake cycles/s (32 concurrent)", "higher"),
+    ("churn", "cpu_ms_per_cycle", "proxy CPU per handshake cycle (ms)", "lower"),
+    ("echo", "p50_us", "echo p50 at 20k msg/s over 1,000 conns (µs)", "lower"),
+    ("echo", "p99_us", "echo p99 at 20k msg/s over 1,000 conns (µs)", "lower"),
+    ("echo", "cpu_us_per_echo", "proxy CPU per echo at 20k msg/s (µs)", "lower"),
+    ("saturation", "per_s", "echoes/s, 100 conns offered 100k msg/s", "higher"),
+    ("saturation", "cpu_us_per_echo", "proxy CPU per echo near saturation (µs)", "lower"),
+]
+TARGETS = ["direct", "nginx", "haproxy", "sigrelay"]
+
+
+def medians(rows):
+    out = {}
+    for scen, key, _, _ in FIGURES:
+        for t in TARGETS:
+            vals = [r[key] for r in rows if r["scenario"] == scen and r["target"] == t and key in r]
+            if vals:
+                out[(scen, key, t)] = statistics.median(vals)
+    return out
+
+
+def markdown(rows, med, meta):
+    lines = [f"Run: {meta}", "",
+             "| figure | " + " | ".join(TARGETS) + " | sigrelay / nginx |",
+             "|---|" + "---|" * (len(TARGETS) + 1)]
+    for scen, key, label, better in FIGURES:
+        cells = []
+        for t in TARGETS:
+            v = med.get((scen, key, t))
+            cells.append("–" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.2f}"))
+        s, n = med.get((scen, key, "sigrelay")), med.get((scen, key, "nginx"))
+        ratio = "–" if not s or not n else f"{s / n:.2f}× ({better} is better)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    bad = [r for r in rows if r["errors"] or r["lost"] or r["reordered"] or r["duplicated"]]
+    lines += ["", f"Runs with errors or lost/reordered/duplicated messages: {len(bad)}"]
+    for r in bad:
+        lines.append(f"- {r['scenario']} / {r['target']}: errors {r['errors']}, lost {r['lost']}, "
+                     f"reordered {r['reordered']}, duplicated {r['duplicated']}")
+    return "\n".join(lines) + "\n"
+
+
+def svg(med, path):
+    """Two bar groups: echo p50/p99 latency and RSS per idle connection, one bar per target."""
+    colors = {"direct": "#999999", "nginx": "#2b8a3e", "haproxy": "#1c7ed6", "sigrelay": "#e8590c"}
+    panels = [("echo latency at 20k msg/s (µs)", [("p50", ("echo", "p50_us")), ("p99", ("echo", "p99_us"))]),
+              ("RSS per idle connection (KiB)", [("KiB", ("idle", "rss_per_conn_kib"))])]
+    w, h, pw = 760, 300, 360
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>']
+    for pi, (title, groups) in enumerate(panels):
+        x0 = 20 + pi * (pw + 20)
+        out.append(f'<text x="{x0}" y="20" font-weight="bold">{title}</text>')
+        vals = [med.get((s, k, t)) for _, (s, k) in groups for t in TARGETS]
+        top = max([v for v in vals if v] or [1])
+        gw = (pw - 20) / len(groups)
+        for gi, (glabel, (s, k)) in enumerate(groups):
+            for ti, t in enumerate(TARGETS):
+                v = med.get((s, k, t))
+                if v is None:
+                    continue
+                bh = (h - 80) * v / top
+                bx = x0 + gi * gw + ti * (gw / len(TARGETS))
+                out.append(f'<rect x="{bx:.1f}" y="{h - 40 - bh:.1f}" width="{gw / len(TARGETS) - 4:.1f}" '
+                           f'height="{bh:.1f}" fill="{colors[t]}"/>')
+                out.append(f'<text x="{bx:.1f}" y="{h - 44 - bh:.1f}" font-size="10">{v:,.0f}</text>')
+            out.append(f'<text x="{x0 + gi * gw + gw / 2 - 10:.1f}" y="{h - 22}">{glabel}</text>')
+    for ti, t in enumerate(TARGETS):
+        out.append(f'<rect x="{20 + ti * 110}" y="{h - 14}" width="10" height="10" fill="{colors[t]}"/>'
+                   f'<text x="{34 + ti * 110}" y="{h - 5}">{t}</text>')
+    out.append("</svg>")
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few minutes: fewer connections, shorter runs, one round")
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
+    args = ap.parse_args()
+    cfg = ({"idle": 2000, "duration": "5s", "rate": 20000, "rounds": 1} if args.quick
+           else {"idle": 9800, "duration": "15s", "rate": 20000, "rounds": 3})
+    rounds = args.rounds or cfg["rounds"]
+    os.makedirs(args.out, exist_ok=True)
+    d = tempfile.mkdtemp(prefix="sigrelay-bench-")
+    make_pki(d)
+    up_port = free_port()
+    upstream = subprocess.Popen([SIGRELAY, "mock-gateway", "--mode", "echo", "--listen", f"127.0.0.1:{up_port}",
+                                 "--cert", f"{d}/leaf.pem", "--key", f"{d}/leaf.key"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(up_port)
+    targets = start_targets(d, up_port)
+    rows = []
+    try:
+        for rnd in range(rounds):
+            for scen in ["idle", "churn", "echo", "saturation"]:
+                order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+                for t in order:
+                    row = scenario(scen, t, f"{d}/ca.pem", cfg)
+                    row["round"] = rnd
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    time.sleep(1)
+    finally:
+        for t in targets:
+            if t.proc:
+                t.proc.send_signal(signal.SIGTERM if t.name != "sigrelay" else signal.SIGINT)
+        upstream.terminate()
+        for t in targets:
+            if t.proc:
+                try:
+                    t.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    t.proc.kill()
+    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    med = medians(rows)
+    meta = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {'quick' if args.quick else 'full'} mode, "
+            f"{rounds} round(s), medians; nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}")
+    md = markdown(rows, med, meta)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    svg(med, os.path.join(args.out, "results.svg"))
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
