@@ -187,6 +187,18 @@ handshake_burst = 1000000
     return targets
 
 
+def stop_targets(targets):
+    for t in targets:
+        if t.proc:
+            t.proc.send_signal(signal.SIGINT if t.name == "sigrelay" else signal.SIGTERM)
+    for t in targets:
+        if t.proc:
+            try:
+                t.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                t.proc.kill()
+
+
 def loadtest(t, ca, args, on_held=None):
     url = f"wss://127.0.0.1:{t.port}/au1/signaling"
     cmd = [SIGRELAY, "loadtest", url, "--ca-file", ca, "--json",
@@ -330,29 +342,25 @@ def main():
                                  "--cert", f"{d}/leaf.pem", "--key", f"{d}/leaf.key"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(up_port)
-    targets = start_targets(d, up_port)
     rows = []
     try:
         for rnd in range(rounds):
-            for scen in ["idle", "churn", "echo", "saturation"]:
-                order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
-                for t in order:
-                    row = scenario(scen, t, f"{d}/ca.pem", cfg)
-                    row["round"] = rnd
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    time.sleep(1)
+            # Fresh proxies every round: an allocator keeps freed memory, so a second idle
+            # measurement in the same process would read near zero.
+            targets = start_targets(d, up_port)
+            try:
+                for scen in ["idle", "churn", "echo", "saturation"]:
+                    order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
+                    for t in order:
+                        row = scenario(scen, t, f"{d}/ca.pem", cfg)
+                        row["round"] = rnd
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                        time.sleep(1)
+            finally:
+                stop_targets(targets)
     finally:
-        for t in targets:
-            if t.proc:
-                t.proc.send_signal(signal.SIGTERM if t.name != "sigrelay" else signal.SIGINT)
         upstream.terminate()
-        for t in targets:
-            if t.proc:
-                try:
-                    t.proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    t.proc.kill()
     with open(os.path.join(args.out, "results.jsonl"), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     med = medians(rows)

@@ -250,6 +250,15 @@ fn check(
     if req.method() != Method::GET || req.version() != Version::HTTP_11 {
         return Err(refuse(Outcome::BadRequest, "a WebSocket upgrade must be an HTTP/1.1 GET"));
     }
+    // RFC 9112 §3.2: more than one Host is a 400. A body on an upgrade request is a smuggling
+    // attempt, not a browser.
+    if h.get_all(header::HOST).iter().count() > 1 {
+        return Err(refuse(Outcome::BadRequest, "more than one Host header"));
+    }
+    let content_length = h.get(header::CONTENT_LENGTH).map(|v| v.as_bytes() != b"0").unwrap_or(false);
+    if content_length || h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(refuse(Outcome::BadRequest, "an upgrade request carries no body"));
+    }
     if !has_token(h, header::CONNECTION, "upgrade") {
         return Err(refuse(Outcome::BadRequest, "Connection header lacks Upgrade"));
     }

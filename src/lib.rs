@@ -13,6 +13,8 @@
 pub mod admin;
 pub mod config;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod handshake;
 pub mod limits;
 pub mod listener;

@@ -315,31 +315,42 @@ async fn idle(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>, on_held: im
     bar.finish_and_clear();
     let opened = Instant::now();
     on_held(held.len());
-    // Hold, answering pings, until the duration is over.
+    // Hold, answering pings, until the duration is over; then close each one properly.
+    let done = tokio_util::sync::CancellationToken::new();
+    let holding = held.len();
     let mut readers = tokio::task::JoinSet::new();
-    let errors2 = errors.clone();
     for mut ws in held.drain(..) {
-        let errors = errors2.clone();
+        let (errors, done) = (errors.clone(), done.clone());
         readers.spawn(async move {
             loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => {
-                        errors.add(format!("closed while held: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                tokio::select! {
+                    msg = ws.next() => match msg {
+                        Some(Ok(Message::Close(frame))) => {
+                            errors.add(format!("closed while held: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                            return;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            errors.add(format!("read while held: {e}"));
+                            return;
+                        }
+                        None => return,
+                    },
+                    _ = done.cancelled() => {
+                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                            let _ = ws.close(None).await;
+                            while let Some(Ok(_)) = ws.next().await {}
+                        })
+                        .await;
                         return;
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => {
-                        errors.add(format!("read while held: {e}"));
-                        return;
-                    }
-                    None => return,
                 }
             }
         });
     }
     tokio::time::sleep(plan.duration).await;
-    let holding = readers.len();
-    readers.shutdown().await;
+    done.cancel();
+    while readers.join_next().await.is_some() {}
     let mut report = empty_report(plan);
     report.completed = holding as u64;
     report.per_second = holding as f64 / opened.elapsed().as_secs_f64().max(1e-9);

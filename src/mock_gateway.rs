@@ -3,8 +3,8 @@
 //!
 //! In `twilio` mode it answers just enough of the signalling (TCMP v2) and insights protocols for
 //! the real SDK's `Video.connect(token, { tracks: [] })` to resolve. In `echo` mode it sends every
-//! message back; a text message `close <code> <reason>` makes it close with that code instead.
-//! For every connection it emits a JSON `connection` event (host, path, first message type, the
+//! message back; a text message `close <code> <reason>` makes it close with that code instead,
+//! and `reset` makes it drop the connection with a TCP reset (for fault tests). For every connection it emits a JSON `connection` event (host, path, first message type, the
 //! token's presence, `twr` and SHA-256) and a `close` event.
 
 use std::net::SocketAddr;
@@ -159,6 +159,12 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
             }));
         }
         let replies = match mode {
+            Mode::Echo if text.as_deref() == Some("reset") => {
+                let tcp = ws.get_ref().get_ref().0;
+                let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+                close_code = Some(1006);
+                break;
+            }
             Mode::Echo => match text.as_deref().and_then(|t| t.strip_prefix("close ")) {
                 Some(rest) => {
                     let (code, reason) = rest.split_once(' ').unwrap_or((rest, ""));

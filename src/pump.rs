@@ -21,8 +21,10 @@ use crate::outcome::{Ending, Side};
 /// Bytes each direction reads at a time. Signalling messages are a few hundred bytes to a few
 /// KiB; larger ones stream through.
 pub const BUF_SIZE: usize = 4096;
-/// How long the second half of a close handshake may take, and how long a final write may block.
+/// How long the second half of a close handshake may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long the relay's own close frame and TLS close may take to write.
+const FINAL_WRITE: Duration = Duration::from_secs(1);
 
 /// Messages and bytes relayed so far, shared with whoever reports on the connection.
 #[derive(Debug, Default)]
@@ -406,23 +408,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
     }
 
     /// Sends the relay's own close frame to this direction's writer, if the ending calls for one
-    /// and the writer is at a frame boundary, then shuts the writer down.
+    /// and the writer is at a frame boundary, then shuts the writer down. A writer torn mid-write
+    /// is stuck behind a peer that does not read: it is dropped, not waited on.
     async fn finish(&mut self, shared: &Shared<'_>) {
+        if self.write_torn {
+            return;
+        }
         let ending = shared.ending();
         if let Some(code) = ending.close_code_for(self.to) {
-            if self.scanner.remaining == 0 && !self.write_torn {
+            if self.scanner.remaining == 0 {
                 let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
                 let frame = frame::close_frame(code, shared.reason(ending), mask);
-                let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.write_all(&frame)).await;
+                if tokio::time::timeout(FINAL_WRITE, self.writer.write_all(&frame)).await.is_err() {
+                    return;
+                }
             }
         }
-        let _ = tokio::time::timeout(CLOSE_GRACE, self.writer.shutdown()).await;
+        let _ = tokio::time::timeout(FINAL_WRITE, self.writer.shutdown()).await;
     }
 
     async fn run(&mut self, initial: Vec<u8>, shared: &Shared<'_>) -> DirEnd {
+        // One waiter on the stop token for the life of the direction, not one per read.
+        let stopped = shared.stop.cancelled();
+        tokio::pin!(stopped);
         if !initial.is_empty() {
             let (n, stop) = self.scanner.scan(&initial);
-            if let Some(end) = self.forward(&initial, n, stop, shared).await {
+            if let Some(end) = self.forward(&initial, n, stop, shared, stopped.as_mut()).await {
                 return end;
             }
             let rest = &initial[n..];
@@ -439,9 +450,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             }
             let read = tokio::select! {
                 r = self.reader.read(&mut self.buf[self.end..]) => r,
-                _ = shared.stop.cancelled() => return DirEnd::Stopped,
+                _ = &mut stopped => return DirEnd::Stopped,
                 _ = tick(&mut self.ping_timer) => {
-                    if let Some(end) = self.ping(shared).await {
+                    if let Some(end) = self.ping(shared, stopped.as_mut()).await {
                         return end;
                     }
                     continue;
@@ -454,7 +465,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             shared.seen(self.scanner.from).store(shared.now_ms(), Ordering::Relaxed);
             let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
             let chunk = std::mem::take(&mut self.buf);
-            let result = self.forward(&chunk[self.start..self.end], n, stop, shared).await;
+            let result = self.forward(&chunk[self.start..self.end], n, stop, shared, stopped.as_mut()).await;
             self.buf = chunk;
             self.start += n;
             if let Some(end) = result {
@@ -466,7 +477,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
     /// Pings the writing side; one that has sent nothing at all through two pings is silent
     /// (a slow pong is not a dead peer). Pongs come back through the other direction and are
     /// forwarded; an unsolicited pong is allowed (RFC 6455 §5.5.3), so the far side ignores it.
-    async fn ping(&mut self, shared: &Shared<'_>) -> Option<DirEnd> {
+    async fn ping(&mut self, shared: &Shared<'_>, mut stopped: Stopped<'_, '_>) -> Option<DirEnd> {
         if let Some(pinged) = self.pinged_at {
             if shared.seen(self.to).load(Ordering::Relaxed) < pinged {
                 self.unanswered += 1;
@@ -484,32 +495,40 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
         frame::encode_frame(&mut frame, OpCode::Ping, PING_PAYLOAD, mask);
         self.pinged_at = Some(shared.now_ms());
-        tokio::select! {
-            r = self.writer.write_all(&frame) => if r.is_err() { self.write_torn = true; return Some(DirEnd::WriteFailed) },
-            _ = shared.stop.cancelled() => {
+        self.write(&frame, stopped.as_mut()).await.err()
+    }
+
+    /// Writes and flushes; a stop while blocked leaves the writer torn (mid-frame).
+    async fn write(&mut self, data: &[u8], stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
+        let writer = &mut self.writer;
+        let result = tokio::select! {
+            r = async {
+                writer.write_all(data).await?;
+                writer.flush().await
+            } => r,
+            _ = stopped => {
                 self.write_torn = true;
-                return Some(DirEnd::Stopped);
+                return Err(DirEnd::Stopped);
             }
-        }
-        if self.writer.flush().await.is_err() {
-            return Some(DirEnd::WriteFailed);
-        }
-        None
+        };
+        result.map_err(|_| {
+            self.write_torn = true;
+            DirEnd::WriteFailed
+        })
     }
 
     /// Writes the first `n` bytes of `data` to the other side and accounts for them.
-    async fn forward(&mut self, data: &[u8], n: usize, stop: Option<Stop>, shared: &Shared<'_>) -> Option<DirEnd> {
+    async fn forward(
+        &mut self,
+        data: &[u8],
+        n: usize,
+        stop: Option<Stop>,
+        shared: &Shared<'_>,
+        mut stopped: Stopped<'_, '_>,
+    ) -> Option<DirEnd> {
         if n > 0 {
-            let write = tokio::select! {
-                r = self.writer.write_all(&data[..n]) => r,
-                _ = shared.stop.cancelled() => {
-                    self.write_torn = true;
-                    return Some(DirEnd::Stopped);
-                }
-            };
-            if write.is_err() {
-                self.write_torn = true;
-                return Some(DirEnd::WriteFailed);
+            if let Err(end) = self.write(&data[..n], stopped.as_mut()).await {
+                return Some(end);
             }
             let msgs = std::mem::take(&mut self.scanner.msgs);
             shared.counters.add(self.scanner.from, msgs, n as u64);
@@ -525,9 +544,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 bc.inc_by(n as u64);
             }
         }
-        if let Err(_) = self.writer.flush().await {
-            return Some(DirEnd::WriteFailed);
-        }
         stop.map(|s| match s {
             Stop::Close(code, reason) => DirEnd::ForwardedClose(code, reason),
             Stop::TooBig => DirEnd::TooBig,
@@ -535,6 +551,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         })
     }
 }
+
+/// The direction's pinned wait on the stop token.
+type Stopped<'p, 't> = std::pin::Pin<&'p mut tokio_util::sync::WaitForCancellationFuture<'t>>;
 
 /// The timer's next tick, or never when there is no timer.
 async fn tick(timer: &mut Option<tokio::time::Interval>) {

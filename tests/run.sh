@@ -6,6 +6,8 @@
 #   npm packages           twilio-video and playwright-core, pinned in tests/browser/package-lock.json
 #   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
 #   kubernetes-validate    validates config/kubernetes (tests/kubernetes.rs), in a venv from PyPI
+#   sslyze                 audits the listener's TLS (tests/tls_audit.rs), in a venv from PyPI
+#   cargo-fuzz             runs the fuzz targets for a bounded time (tests/fuzz.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -42,10 +44,27 @@ if [ ! -x "$kv_venv/bin/kubernetes-validate" ]; then
 fi
 export PATH="$kv_venv/bin:$PATH"
 
+sslyze_venv="$HOME/.cache/sigrelay/sslyze-6.3.1"
+if [ ! -x "$sslyze_venv/bin/sslyze" ]; then
+    echo "tests/run.sh: installing sslyze 6.3.1"
+    python3 -m venv "$sslyze_venv"
+    "$sslyze_venv/bin/pip" install --quiet --disable-pip-version-check sslyze==6.3.1
+fi
+export PATH="$PATH:$sslyze_venv/bin"
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "tests/run.sh: installing cargo-fuzz"
+    cargo install --locked --quiet cargo-fuzz
+fi
+
 if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
     echo "tests/run.sh: installing the browser test's npm packages"
     (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-# CI=true makes the browser and websocat tests fail, not skip, when something above is missing.
+# CI=true makes the browser, websocat, Kubernetes and TLS audit tests fail, not skip, when
+# something above is missing.
 cargo test --locked --all-targets
+
+# Every fuzz target for a bounded time (FUZZ_SECONDS each, default 15); longer runs by hand.
+bash tests/fuzz.sh

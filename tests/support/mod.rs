@@ -341,6 +341,8 @@ pub enum Fault {
     TlsRespond(Arc<rustls::ServerConfig>, &'static str),
     /// Finishes TLS, accepts the WebSocket upgrade, then never reads or writes again.
     TlsUpgradeThenSilent(Arc<rustls::ServerConfig>),
+    /// Finishes TLS, accepts the upgrade, sends half of a frame, then resets the connection.
+    TlsUpgradeThenPartialFrameAndReset(Arc<rustls::ServerConfig>),
 }
 
 /// Starts a fault gateway; returns its address.
@@ -357,7 +359,8 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                     let bytes = *bytes;
                     tokio::spawn(async move { respond_after_head(tcp, bytes).await });
                 }
-                Fault::TlsUpgradeThenSilent(cfg) => {
+                Fault::TlsUpgradeThenSilent(cfg) | Fault::TlsUpgradeThenPartialFrameAndReset(cfg) => {
+                    let partial = matches!(&*fault, Fault::TlsUpgradeThenPartialFrameAndReset(_));
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
                     tokio::spawn(async move {
                         let Ok(mut tls) = acceptor.accept(tcp).await else { return };
@@ -379,6 +382,17 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
                         let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
                         let _ = tls.write_all(resp.as_bytes()).await;
+                        if partial {
+                            // A 100-byte text frame, cut after 10 bytes of payload.
+                            let mut frame = vec![0x81, 100];
+                            frame.extend_from_slice(&[b'x'; 10]);
+                            let _ = tls.write_all(&frame).await;
+                            let _ = tls.flush().await;
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let _ = socket2::SockRef::from(tls.get_ref().0).set_linger(Some(Duration::ZERO));
+                            drop(tls);
+                            return;
+                        }
                         tokio::time::sleep(Duration::from_secs(60)).await;
                         drop(tls);
                     });
