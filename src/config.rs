@@ -730,6 +730,7 @@ mod tests {
         assert_eq!(c.routes[1].default_region, "us1");
         assert_eq!(c.upstream.connect_timeout, Duration::from_secs(4));
         assert_eq!(c.server.max_message_size, 1 << 20);
+        assert!(c.admin.listen.unwrap().ip().is_loopback(), "the admin listener is not public by default");
     }
 
     #[test]

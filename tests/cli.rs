@@ -264,3 +264,81 @@ fn sighup_reloads_and_sigterm_drains_live_connections() {
     assert_eq!(closes.len(), 1, "{stdout}");
     assert_eq!((closes[0]["outcome"].as_str(), closes[0]["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
 }
+
+/// With debug logging on, neither stderr nor stdout ever holds the token, a cookie or an
+/// Authorization value, whether the connection is relayed or fails.
+#[test]
+fn no_log_line_or_record_carries_a_secret() {
+    use futures_util::{SinkExt, StreamExt};
+    use sigrelay::mock_gateway::Mode;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = support::Pki::new();
+    let gw = rt.block_on(support::Gateway::start(&pki, Mode::Echo));
+    let config = pki.dir.path().join("sigrelay.toml");
+    let closed = rt.block_on(support::closed_port());
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n\
+         [admin]\nlisten = \"off\"\n[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{}\"\n\"de1.vss.twilio.com\" = \"{closed}\"\n",
+        pki.relay_cert, pki.relay_key, pki.ca_file, gw.addr
+    );
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("SIGRELAY_LOG", "trace")
+        .env("SIGRELAY_LOG_FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut first = String::new();
+    let addr = loop {
+        first.clear();
+        stderr.read_line(&mut first).unwrap();
+        if let Some(a) = first.split("listening on ").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let token = support::token("au1_valid_until_2100");
+    let (cookie, bearer) = ("session=COOKIE-SECRET-1234", "Bearer AUTH-SECRET-5678");
+    rt.block_on(async {
+        for path in ["/au1/signaling", "/de1/signaling"] {
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(pki.client_tls())
+                .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = format!("wss://localhost:{port}{path}").into_client_request().unwrap();
+            req.headers_mut().insert("cookie", cookie.parse().unwrap());
+            req.headers_mut().insert("authorization", bearer.parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+            ws.send(Message::text(support::hello(&token))).await.unwrap();
+            while let Some(Ok(m)) = ws.next().await {
+                if m.is_close() || m.is_text() {
+                    break;
+                }
+            }
+            let _ = ws.close(None).await;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(20)).code(), Some(0));
+    let mut logs = first;
+    stderr.read_to_string(&mut logs).unwrap();
+    let mut records = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut records).unwrap();
+    assert!(records.contains("upstream_connect_error") && records.contains("\"outcome\":\"ok\""), "{records}");
+    assert!(logs.lines().count() > 5, "trace logging produced lines");
+    let signature = token.rsplit('.').next().unwrap();
+    for (name, text) in [("stderr", &logs), ("stdout", &records)] {
+        for secret in [token.as_str(), signature, "COOKIE-SECRET-1234", "AUTH-SECRET-5678"] {
+            assert!(!text.contains(secret), "{name} contains a secret ({})", &secret[..8]);
+        }
+    }
+}
