@@ -12,31 +12,17 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGRELAY = os.path.join(ROOT, "target", "release", "sigrelay")
+from common import ROOT, SIGRELAY, free_port, wait_port
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port):
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing on {port}")
 
 
 def rss_kib(pid):
@@ -81,9 +67,14 @@ handshakes_per_ip_per_s = 1000000
 handshake_burst = 1000000
 """)
     records = open(os.path.join(args.out, "records.jsonl"), "w")
+    log = open(f"{d}/relay.log", "w")
     relay = subprocess.Popen([SIGRELAY, "run", "--config", f"{d}/sigrelay.toml", "--log", "warn"],
-                             cwd=d, stdout=records, stderr=subprocess.DEVNULL)
-    wait_port(port)
+                             cwd=d, stdout=records, stderr=log)
+    # Wait for the address line rather than probing the port: a probe would be a record too.
+    for _ in range(400):
+        if "listening on" in open(f"{d}/relay.log").read():
+            break
+        time.sleep(0.05)
     time.sleep(0.5)
     base_fds = fd_count(relay.pid)
     url = f"wss://localhost:{port}/au1/signaling"

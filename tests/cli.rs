@@ -71,29 +71,9 @@ fn starts_on_the_shipped_config_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::copy(Path::new(REPO).join("config/sigrelay.toml"), dir.path().join("config/sigrelay.toml")).unwrap();
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .env("SIGRELAY_LISTEN", "127.0.0.1:0")
-        .env("SIGRELAY_ADMIN_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut log = Vec::new();
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("sigrelay printed its address");
-        log.push(line.clone());
-        if let Some(addr) = line.split("listening on ").nth(1) {
-            break addr.trim().to_string();
-        }
-    };
+    let mut cmd = Command::new(BIN);
+    cmd.current_dir(dir.path()).env("SIGRELAY_LISTEN", "127.0.0.1:0").env("SIGRELAY_ADMIN_LISTEN", "127.0.0.1:0");
+    let Running { mut child, early_log: log, addr, .. } = start(cmd);
     assert!(log.iter().any(|l| l.contains("SELF-SIGNED")), "a loud warning: {log:?}");
     let cert = dir.path().join("certs/dev/cert.pem");
     assert!(cert.exists() && dir.path().join("certs/dev/key.pem").exists());
@@ -120,6 +100,36 @@ fn starts_on_the_shipped_config_and_stops_on_sigterm() {
     let record: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
     assert_eq!(record["outcome"], "not_websocket");
     assert_eq!(record["sni"], "localhost");
+}
+
+/// A running `sigrelay run`: its stderr lines on a channel, and the address it printed.
+struct Running {
+    child: std::process::Child,
+    stderr: mpsc::Receiver<String>,
+    /// Every stderr line up to and including the address line.
+    early_log: Vec<String>,
+    addr: String,
+}
+
+/// Starts the binary as set up by `cmd` and waits for its address line.
+fn start(mut cmd: Command) -> Running {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, stderr) = mpsc::channel();
+    let pipe = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut early_log = Vec::new();
+    let addr = loop {
+        let line = stderr.recv_timeout(Duration::from_secs(20)).expect("sigrelay printed its address");
+        early_log.push(line.clone());
+        if let Some(addr) = line.split("listening on ").nth(1) {
+            break addr.trim().to_string();
+        }
+    };
+    Running { child, stderr, early_log, addr }
 }
 
 fn wait_with_timeout(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
@@ -181,26 +191,9 @@ fn sighup_reloads_and_sigterm_drains_live_connections() {
         std::fs::write(&config, text).unwrap();
     };
     write_config("/signaling");
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("sigrelay printed its address");
-        if let Some(addr) = line.split("listening on ").nth(1) {
-            break addr.trim().to_string();
-        }
-    };
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&config);
+    let Running { mut child, stderr: rx, addr, .. } = start(cmd);
     let get = |path: &str| https_get(&addr, &pki.ca_file, path);
     assert!(get("/signaling").starts_with("HTTP/1.1 426"));
     let hup = |child: &std::process::Child| {
@@ -285,24 +278,9 @@ fn no_log_line_or_record_carries_a_secret() {
         pki.relay_cert, pki.relay_key, pki.ca_file, gw.addr
     );
     std::fs::write(&config, text).unwrap();
-    let mut child = Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("SIGRELAY_LOG", "trace")
-        .env("SIGRELAY_LOG_FORMAT", "json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut first = String::new();
-    let addr = loop {
-        first.clear();
-        stderr.read_line(&mut first).unwrap();
-        if let Some(a) = first.split("listening on ").nth(1) {
-            break a.trim().to_string();
-        }
-    };
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&config).env("SIGRELAY_LOG", "trace").env("SIGRELAY_LOG_FORMAT", "json");
+    let Running { mut child, stderr, early_log, addr } = start(cmd);
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
     let token = support::token("au1_valid_until_2100");
     let (cookie, bearer) = ("session=COOKIE-SECRET-1234", "Bearer AUTH-SECRET-5678");
@@ -329,8 +307,11 @@ fn no_log_line_or_record_carries_a_secret() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
     assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(20)).code(), Some(0));
-    let mut logs = first;
-    stderr.read_to_string(&mut logs).unwrap();
+    let mut logs = early_log.join("\n");
+    for line in stderr.iter() {
+        logs += &line;
+        logs.push('\n');
+    }
     let mut records = String::new();
     child.stdout.take().unwrap().read_to_string(&mut records).unwrap();
     assert!(records.contains("upstream_connect_error") && records.contains("\"outcome\":\"ok\""), "{records}");

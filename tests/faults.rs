@@ -234,3 +234,38 @@ async fn nothing_is_lost_reordered_or_duplicated_while_some_connections_fail() {
     assert_eq!(gateway_codes.get("1001"), Some(&5), "{gateway_codes:?}");
     eprintln!("nothing lost: {normal} clean connections x {MSGS} messages each way, {reset} gateway resets, {vanished} vanished browsers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_upstreams_leave_nothing_behind() {
+    let _turn = SERIAL.lock().await;
+    let pki = Pki::new();
+    let gw_tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let other = Pki::named("not trusted CA");
+    let cases: Vec<(&str, Option<std::net::SocketAddr>, &str)> = vec![
+        ("refused", Some(closed_port().await), "upstream_connect_error"),
+        ("no DNS answer", None, "upstream_dns_error"),
+        ("silent TCP", Some(fault_gateway(Fault::Silent).await), "upstream_timeout"),
+        ("silent after TLS", Some(fault_gateway(Fault::TlsThenSilent(gw_tls.clone())).await), "upstream_timeout"),
+        ("wrong name", Some(fault_gateway(Fault::TlsRespond(pki.server_tls(&["other.test".into()]), "")).await), "upstream_tls_error"),
+        ("untrusted", Some(fault_gateway(Fault::TlsRespond(other.server_tls(&sigrelay::pki::twilio_names()), "")).await), "upstream_tls_error"),
+        ("503", Some(fault_gateway(Fault::TlsRespond(gw_tls.clone(), "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")).await), "upstream_rejected"),
+        ("bad 101", Some(fault_gateway(Fault::TlsRespond(gw_tls.clone(), "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n")).await), "upstream_protocol_error"),
+    ];
+    for (what, addr, outcome) in cases {
+        let resolve = addr.map(|a| format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{a}\"")).unwrap_or_default();
+        let mut relay = Relay::start(&pki, "", "connect_timeout = \"300ms\"", &resolve).await;
+        let baseline = fds();
+        let started = std::time::Instant::now();
+        let mut ws = RawWs::connect(&relay, &pki, "/au1/signaling").await;
+        ws.send_text("hi").await;
+        let (code, reason) = ws.read_close().await.unwrap_or_else(|| panic!("{what}: no close frame"));
+        let r = relay.record("handshake").await;
+        assert_eq!(r["outcome"], outcome, "{what}: {r}");
+        assert_eq!((code, reason), (1014, format!("{outcome} conn={}", r["conn_id"].as_str().unwrap())), "{what}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{what}: the browser learned in time");
+        drop(ws);
+        // The stand-in gateways that hold connections open keep one descriptor of their own.
+        let held_by_fake = matches!(what, "silent TCP" | "silent after TLS") as usize;
+        assert_released(&relay, baseline + held_by_fake).await;
+    }
+}

@@ -231,7 +231,7 @@ async fn limits_close_with_1013_naming_the_limit() {
     let mut d = relay.ws(&pki, "/au1/signaling").await;
     echo_once(&mut d, "room again").await;
 
-    let mut relay = Relay::start(&pki, "", "", &format!("[limits]\nmax_connections = 1\n{}", resolve_all_to(gw.addr))).await;
+    let relay = Relay::start(&pki, "", "", &format!("[limits]\nmax_connections = 1\n{}", resolve_all_to(gw.addr))).await;
     let _held = relay.ws(&pki, "/au1/signaling").await;
     let (code, reason) = RawWs::connect(&relay, &pki, "/au1/signaling").await.read_close().await.unwrap();
     assert_eq!(code, 1013);

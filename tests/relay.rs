@@ -452,6 +452,7 @@ async fn upstream_rejected_with_its_status() {
     for (status, reply) in [
         (401, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n"),
         (403, "HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"),
+        (500, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
         (503, "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"),
     ] {
         let tls = pki.server_tls(&sigrelay::pki::twilio_names());
