@@ -28,6 +28,7 @@ pub mod pump;
 pub mod records;
 pub mod registry;
 pub mod relay;
+pub mod report;
 pub mod routing;
 pub mod shutdown;
 pub mod tls;

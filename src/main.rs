@@ -34,6 +34,17 @@ enum Command {
     MockGateway(MockArgs),
     /// Load-test a relay deployment (usually with `mock-gateway --mode echo` behind it).
     Loadtest(LoadtestArgs),
+    /// Summarize handshake and close records per route and region (files, or stdin).
+    Report {
+        /// Record files (JSON lines); none, or `-`, reads stdin.
+        files: Vec<PathBuf>,
+        /// Only records at or after this RFC 3339 time, or this long ago (e.g. `1h`).
+        #[arg(long, value_parser = sigrelay::report::parse_since)]
+        since: Option<std::time::SystemTime>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe a running relay's /healthz over TLS on loopback; exit 0 when it answers 200.
     /// Made for container HEALTHCHECKs: the image needs no curl or shell.
     Healthcheck {
@@ -141,6 +152,13 @@ fn main() -> ExitCode {
             Ok(false) => ExitCode::from(2),
             Err(e) => {
                 eprintln!("sigrelay loadtest: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Report { files, since, json }) => match report(files, since, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("sigrelay report: {e:#}");
                 ExitCode::FAILURE
             }
         },
@@ -436,4 +454,23 @@ fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
         print!("{}", report.table());
     }
     Ok(report.clean())
+}
+
+fn report(files: Vec<PathBuf>, since: Option<std::time::SystemTime>, json: bool) -> anyhow::Result<()> {
+    use std::io::BufReader;
+    let mut builder = sigrelay::report::Builder::new(since);
+    if files.is_empty() || files.iter().any(|f| f.as_os_str() == "-") {
+        builder.read(std::io::stdin().lock()).context("reading stdin")?;
+    }
+    for file in files.iter().filter(|f| f.as_os_str() != "-") {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        builder.read(BufReader::with_capacity(1 << 20, f)).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let report = builder.finish();
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
 }
