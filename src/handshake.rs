@@ -182,18 +182,34 @@ fn client_addr(req: &Request<Incoming>, peer: SocketAddr, trusted: &[ipnet::IpNe
     if !is_trusted(&peer.ip()) {
         return peer;
     }
-    let forwarded: Vec<std::net::IpAddr> = req
+    let entries: Vec<&str> = req
         .headers()
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|s| s.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    match forwarded.iter().rev().find(|ip| !is_trusted(ip)).or(forwarded.first()) {
-        Some(ip) => SocketAddr::new(*ip, 0),
-        None => peer,
+    // From the right: each trusted hop vouches for the entry before it. An entry that does not
+    // parse ends the walk; skipping it would let a client's own entry through.
+    for entry in entries.iter().rev() {
+        match forwarded_ip(entry) {
+            Some(ip) if is_trusted(&ip) => continue,
+            Some(ip) => return SocketAddr::new(ip, 0),
+            None => return peer,
+        }
     }
+    peer
+}
+
+/// An `X-Forwarded-For` entry: `203.0.113.7`, `203.0.113.7:51234`, `2001:db8::1` or
+/// `[2001:db8::1]:51234`.
+fn forwarded_ip(entry: &str) -> Option<std::net::IpAddr> {
+    entry
+        .parse()
+        .ok()
+        .or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok())
 }
 
 /// Validates the request; on success returns the route index and the regions from path and query.

@@ -67,6 +67,8 @@ pub struct App {
     pub certs: Arc<tls::CertStore>,
     /// `None` when `[server] tls = false`.
     pub tls: Option<TlsAcceptor>,
+    /// `[server] proxy_protocol` as started: like `tls`, it changes only with a restart.
+    pub proxy_protocol: bool,
     pub limiter: limits::Limiter,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
@@ -103,6 +105,7 @@ impl App {
             shutdown: shutdown::Signals::default(),
             tracker: TaskTracker::new(),
             tls: config.server.tls.then(|| TlsAcceptor::from(server_tls)),
+            proxy_protocol: config.server.proxy_protocol,
             certs,
             limiter: limits::Limiter::new(config.limits.clone(), derived_max),
             admin_addr: OnceLock::new(),
@@ -124,6 +127,20 @@ impl App {
     /// Listener settings (address, TLS on/off, PROXY protocol, admin) need a restart. On error
     /// nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), StartError> {
+        let old = self.current();
+        let (was, now) = (&old.config, &config);
+        let restart_only = [
+            ("server.listen", was.server.listen != now.server.listen),
+            ("server.tls", was.server.tls != now.server.tls),
+            ("server.proxy_protocol", was.server.proxy_protocol != now.server.proxy_protocol),
+            ("admin.listen", was.admin.listen != now.admin.listen),
+            ("upstream", format!("{:?}", was.upstream) != format!("{:?}", now.upstream)),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                tracing::warn!(key, "changed in the file but takes effect only after a restart");
+            }
+        }
         self.certs.reload(&config)?;
         self.limiter.update(config.limits.clone());
         self.current.store(Arc::new(Current { router: routing::Router::new(&config), config }));

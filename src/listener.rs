@@ -55,7 +55,7 @@ async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let limit = current.config.server.handshake_timeout;
     async {
         let mut client_addr = peer;
-        if current.config.server.proxy_protocol {
+        if app.proxy_protocol {
             match crate::proxy_protocol::read(&mut tcp, limit).await {
                 Ok(Some(addr)) => {
                     client_addr = addr;

@@ -498,17 +498,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         self.write(&frame, stopped.as_mut()).await.err()
     }
 
-    /// Writes and flushes; a stop while blocked leaves the writer torn (mid-frame).
-    async fn write(&mut self, data: &[u8], stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
+    /// Writes and flushes; a stop while blocked leaves the writer torn (mid-frame). A writer
+    /// that stays blocked through two ping ticks has stopped reading: that side is silent
+    /// (its pongs, if any, are stuck behind the same wall).
+    async fn write(&mut self, data: &[u8], mut stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
         let writer = &mut self.writer;
-        let result = tokio::select! {
-            r = async {
-                writer.write_all(data).await?;
-                writer.flush().await
-            } => r,
-            _ = stopped => {
-                self.write_torn = true;
-                return Err(DirEnd::Stopped);
+        let timer = &mut self.ping_timer;
+        let write = async {
+            writer.write_all(data).await?;
+            writer.flush().await
+        };
+        tokio::pin!(write);
+        let mut stalled_ticks = 0;
+        let result = loop {
+            tokio::select! {
+                r = &mut write => break r,
+                _ = stopped.as_mut() => {
+                    self.write_torn = true;
+                    return Err(DirEnd::Stopped);
+                }
+                _ = tick(timer) => {
+                    stalled_ticks += 1;
+                    if stalled_ticks >= 2 {
+                        self.write_torn = true;
+                        return Err(DirEnd::Silent);
+                    }
+                }
             }
         };
         result.map_err(|_| {

@@ -49,11 +49,18 @@ pub struct Session {
 pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
     let span = tracing::info_span!("ws", conn_id = %s.record.conn_id, route = s.record.route.as_deref().unwrap_or(""));
     async move {
-        let client = match upgrade.await {
-            Ok(u) => TokioIo::new(u),
-            Err(e) => {
-                s.record.outcome = Some(Outcome::ClientGone);
-                s.record.error = Some(format!("upgrade failed: {e}"));
+        // The 101 must reach the browser within handshake_timeout: a client that stops reading
+        // would otherwise hold this task and its limit permit forever.
+        let limit = s.current.config.server.handshake_timeout;
+        let client = match tokio::time::timeout(limit, upgrade).await {
+            Ok(Ok(u)) => TokioIo::new(u),
+            failed => {
+                let (outcome, why) = match failed {
+                    Ok(Err(e)) => (Outcome::ClientGone, format!("upgrade failed: {e}")),
+                    _ => (Outcome::ClientTimeout, "the 101 could not be delivered within handshake_timeout".into()),
+                };
+                s.record.outcome = Some(outcome);
+                s.record.error = Some(why);
                 s.record.total_ms = Some(millis(s.started.elapsed()));
                 app.records.handshake(s.record);
                 return;
@@ -74,8 +81,12 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, mut s: Session) {
         match connected {
             Some(Some((upstream, first))) => relay(&app, client, upstream, first, &mut s).await,
             Some(None) => {}
-            // The pump watches for shutdown itself; this is only the connecting phase.
-            None => fail(&app, &mut client, &mut s, Outcome::Shutdown, "relay is shutting down".into()).await,
+            // The pump watches for shutdown itself; this is only the connecting phase. If the
+            // record was already written (a failure was being reported), there is nothing to add.
+            None if !s.record.conn_id.is_empty() => {
+                fail(&app, &mut client, &mut s, Outcome::Shutdown, "relay is shutting down".into()).await
+            }
+            None => {}
         }
     }
     .instrument(span)

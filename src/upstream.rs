@@ -245,8 +245,17 @@ async fn connect_through_proxy(tcp: &mut TcpStream, authority: &str) -> Result<(
 /// Tries each address in turn.
 async fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), UpstreamError> {
     let mut errors = Vec::new();
-    for addr in addrs {
-        match TcpStream::connect(addr).await {
+    for (i, addr) in addrs.iter().enumerate() {
+        // A black-holed address must not eat the whole connect_timeout while others remain.
+        let attempt = TcpStream::connect(addr);
+        let result = if i + 1 < addrs.len() {
+            tokio::time::timeout(PER_ADDRESS, attempt).await.unwrap_or_else(|_| {
+                Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 1s, trying the next address"))
+            })
+        } else {
+            attempt.await
+        };
+        match result {
             Ok(tcp) => {
                 let _ = tcp.set_nodelay(true);
                 return Ok((tcp, *addr));
@@ -256,6 +265,9 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Up
     }
     Err(UpstreamError::Connect(errors.join("; ")))
 }
+
+/// How long one of several gateway addresses gets to accept before the next is tried.
+const PER_ADDRESS: Duration = Duration::from_secs(1);
 
 /// Sends the upgrade request as an HTTP/1.1 client and checks the 101. hyper keeps any bytes the
 /// gateway sent after its response inside the returned stream.

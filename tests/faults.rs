@@ -131,7 +131,8 @@ async fn a_gateway_that_stops_reading_slows_the_browser_and_memory_stays_bounded
     drop(ws);
     relay.record("handshake").await;
     let c = relay.record("close").await;
-    assert!(["upstream_silent", "client_gone", "client_silent"].contains(&c["outcome"].as_str().unwrap()), "{c}");
+    // The gateway is blamed: the browser was still there, stuck behind it.
+    assert!(["upstream_silent", "client_gone"].contains(&c["outcome"].as_str().unwrap()), "{c}");
     // The stand-in gateway (in this process) keeps its end open on purpose: one descriptor.
     assert_released(&relay, baseline + 1).await;
 }

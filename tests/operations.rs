@@ -306,6 +306,14 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     echo_once(&mut ws, "hi").await;
     assert_eq!(relay.record("handshake").await["client_addr"], "203.0.113.5:0");
     assert_eq!(gw.event("connection").await["x_forwarded_for"], "203.0.113.5");
+    // A proxy that appends ip:port: the client's own entry must not slip past it.
+    let mut ws = relay.ws_with(&pki, "/au1/signaling", &[("x-forwarded-for", "9.9.9.9, 203.0.113.7:51234")]).await.unwrap();
+    echo_once(&mut ws, "ported").await;
+    assert_eq!(relay.record("handshake").await["client_addr"], "203.0.113.7:0");
+    // An entry that does not parse ends the walk at the connection's own address.
+    let mut ws = relay.ws_with(&pki, "/au1/signaling", &[("x-forwarded-for", "9.9.9.9, unknown")]).await.unwrap();
+    echo_once(&mut ws, "garbled").await;
+    assert!(relay.record("handshake").await["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
 }
 
 #[tokio::test]
