@@ -316,7 +316,8 @@ fn default_routes() -> Vec<RawRoute> {
             upstream: Some("wss://sdkgw.{region}.twilio.com/v1/VideoEvents".into()),
             region_from: Some(vec!["path".into(), "query".into()]),
             default_region: Some("us1".into()),
-            region_alias: BTreeMap::new(),
+            // There is no sdkgw.global: the insights gateway for the global region is us1's.
+            region_alias: BTreeMap::from([("gll".into(), "us1".into())]),
         },
     ]
 }

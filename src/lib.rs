@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod diagnose;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzz_checks;

@@ -34,6 +34,23 @@ enum Command {
     MockGateway(MockArgs),
     /// Load-test a relay deployment (usually with `mock-gateway --mode echo` behind it).
     Loadtest(LoadtestArgs),
+    /// Probe every configured gateway phase by phase and decode a token; exit 1 if anything fails.
+    Diagnose {
+        #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
+        config: PathBuf,
+        /// An access token to decode (identity, room, expiry, region, and the gateway it would get).
+        #[arg(long)]
+        token: Option<String>,
+        /// Only this route (by name).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only this region.
+        #[arg(long)]
+        region: Option<String>,
+        /// Print the diagnosis as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Summarize handshake and close records per route and region (files, or stdin).
     Report {
         /// Record files (JSON lines); none, or `-`, reads stdin.
@@ -153,6 +170,14 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("sigrelay loadtest: {e:#}");
                 ExitCode::FAILURE
+            }
+        },
+        Some(Command::Diagnose { config, token, route, region, json }) => match diagnose(&config, token, route, region, json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("sigrelay diagnose: {e:#}");
+                ExitCode::from(2)
             }
         },
         Some(Command::Report { files, since, json }) => match report(files, since, json) {
@@ -473,4 +498,27 @@ fn report(files: Vec<PathBuf>, since: Option<std::time::SystemTime>, json: bool)
         print!("{}", report.text());
     }
     Ok(())
+}
+
+/// Returns whether every check passed.
+fn diagnose(path: &std::path::Path, token: Option<String>, route: Option<String>, region: Option<String>, json: bool) -> anyhow::Result<bool> {
+    use sigrelay::diagnose::{self, Diagnosis};
+    let config = Config::load(path)?;
+    let connector = sigrelay::upstream::Connector::new(&config, tls::client_config(&config)?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let probes = rt.block_on(diagnose::probe_all(&config, &connector, route.as_deref(), region.as_deref()));
+    anyhow::ensure!(!probes.is_empty(), "no route or region matches the filters");
+    let (token, token_error) = match token.as_deref().map(|t| diagnose::token_report(&config, t)) {
+        Some(Ok(t)) => (Some(t), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let ok = probes.iter().all(|p| p.ok) && token_error.is_none() && !token.as_ref().is_some_and(|t| t.expired);
+    let d = Diagnosis { ok, probes, token, token_error };
+    if json {
+        println!("{}", serde_json::to_string(&d)?);
+    } else {
+        print!("{}", d.text());
+    }
+    Ok(ok)
 }

@@ -512,6 +512,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let mut stalled_ticks = 0;
         let result = loop {
             tokio::select! {
+                // A write that can finish now is not torn, even if the stop fired meanwhile.
+                biased;
                 r = &mut write => break r,
                 _ = stopped.as_mut() => {
                     self.write_torn = true;
