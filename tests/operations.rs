@@ -123,15 +123,11 @@ async fn drain_turns_readyz_503_then_closes_with_1012() {
         assert_eq!(gw.event("close").await["code"], 1012);
     }
     let mut relay = stopping.await.unwrap();
-    let mut closes = 0;
-    while let Ok(line) = relay.records.try_recv() {
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "close" {
-            assert_eq!((v["outcome"].as_str(), v["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
-            closes += 1;
-        }
+    let closes = relay.written_closes();
+    for v in &closes {
+        assert_eq!((v["outcome"].as_str(), v["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
     }
-    assert_eq!(closes, 3);
+    assert_eq!(closes.len(), 3);
 }
 
 #[tokio::test]

@@ -554,14 +554,10 @@ async fn shutdown_closes_live_connections_with_1012_and_records_them() {
     for _ in 0..3 {
         assert_eq!(gw.event("close").await["code"], 1012);
     }
-    let mut closes = 0;
-    while let Ok(line) = relay.records.try_recv() {
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "close" {
-            assert_eq!((v["outcome"].as_str(), v["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
-            closes += 1;
-        }
+    let closes = relay.written_closes();
+    for v in &closes {
+        assert_eq!((v["outcome"].as_str(), v["closed_by"].as_str()), (Some("shutdown"), Some("relay")));
     }
-    assert_eq!(closes, 3);
+    assert_eq!(closes.len(), 3);
     assert_eq!(relay.app.registry.len(), 0);
 }

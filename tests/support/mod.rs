@@ -229,6 +229,18 @@ impl Relay {
         tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("no {event} record"))
     }
 
+    /// The close records already written (handshake records are passed over).
+    pub fn written_closes(&mut self) -> Vec<Value> {
+        let mut closes = Vec::new();
+        while let Ok(line) = self.records.try_recv() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            if v["event"] == "close" {
+                closes.push(v);
+            }
+        }
+        closes
+    }
+
     /// Asserts that no record arrives for a short while.
     pub async fn assert_no_record(&mut self) {
         if let Ok(Some(line)) = tokio::time::timeout(Duration::from_millis(300), self.records.recv()).await {
