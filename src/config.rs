@@ -21,6 +21,7 @@ pub struct Config {
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub admin: AdminSettings,
+    pub diag: DiagSettings,
     pub limits: Limits,
     /// The allow-list of region codes (`[routing] regions`).
     pub regions: Vec<String>,
@@ -68,6 +69,16 @@ pub struct CertPair {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
+
+/// `[diag]`.
+#[derive(Debug, Clone)]
+pub struct DiagSettings {
+    /// Serve the `/diag` page and its endpoints on the main listener (default true).
+    pub enabled: bool,
+}
+
+/// Paths under this prefix belong to the diagnostics page while `[diag] enabled` is on.
+pub const DIAG_PREFIX: &str = "/diag";
 
 /// `[admin]`.
 #[derive(Debug, Clone)]
@@ -223,6 +234,7 @@ struct RawConfig {
     server: RawServer,
     upstream: RawUpstream,
     admin: RawAdmin,
+    diag: RawDiag,
     limits: RawLimits,
     routing: RawRouting,
     routes: Option<Vec<RawRoute>>,
@@ -261,6 +273,12 @@ struct RawCertPair {
 struct RawAdmin {
     listen: Option<String>,
     token_file: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawDiag {
+    enabled: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -509,6 +527,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     };
 
     let admin = RawAdmin::validate(raw.admin, &mut c);
+    let diag = DiagSettings { enabled: raw.diag.enabled.unwrap_or(true) };
     let limits = RawLimits::validate(raw.limits, &mut c);
 
     let u = raw.upstream;
@@ -586,6 +605,8 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             c.problem(k("path"), format!("{path:?} must be an absolute path like \"/signaling\", without query"));
         } else if !paths.insert(path.clone()) {
             c.problem(k("path"), format!("{path:?} is used by another route"));
+        } else if diag.enabled && (path == DIAG_PREFIX || path.starts_with("/diag/")) {
+            c.problem(k("path"), format!("{path:?} is taken by the diagnostics page; pick another path or set [diag] enabled = false"));
         }
         let name = r.name.unwrap_or_else(|| path.clone());
         if !names.insert(name.clone()) {
@@ -635,7 +656,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         routes.push(route);
     }
 
-    Config { server, upstream, admin, limits, regions, routes }
+    Config { server, upstream, admin, diag, limits, regions, routes }
 }
 
 impl RawAdmin {

@@ -83,9 +83,9 @@ fn text(status: StatusCode, body: String) -> Resp {
 }
 
 /// Why a request is refused before the upgrade.
-struct Refusal {
-    outcome: Outcome,
-    why: &'static str,
+pub(crate) struct Refusal {
+    pub outcome: Outcome,
+    pub why: &'static str,
 }
 
 fn refuse(outcome: Outcome, why: &'static str) -> Refusal {
@@ -109,6 +109,9 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     }
     let current = app.current();
     let client_addr = client_addr(&req, conn.client_addr, &current.config.server.trusted_proxies);
+    if current.config.diag.enabled && crate::diag::owns(req.uri().path()) {
+        return Ok(crate::diag::handle(req, &conn, current, client_addr).await);
+    }
     let mut record = HandshakeRecord::new(new_conn_id(), client_addr, conn.sni.clone());
     record.tls_ms = conn.tls_ms;
     record.path = Some(req.uri().path().chars().take(MAX_RECORDED_HEADER).collect());
@@ -122,29 +125,12 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
             record.outcome = Some(refusal.outcome);
             record.error = Some(refusal.why.to_string());
             record.total_ms = Some(crate::records::millis(started.elapsed()));
-            let body = format!("{}: {} (conn={})\n", refusal.outcome, refusal.why, record.conn_id);
-            let mut resp = text(refusal.outcome.http_status(), body);
-            match refusal.outcome {
-                Outcome::NotWebsocket => {
-                    resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-                }
-                Outcome::BadRequest if refusal.why == WRONG_VERSION => {
-                    resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                _ => {
-                    // A refused upgrade attempt has no reason to keep its connection.
-                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-                }
-            }
+            let resp = refusal_response(&refusal, &record.conn_id);
             app.records.handshake(record);
             return Ok(resp);
         }
     };
 
-    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).expect("checked").as_bytes();
-    let accept = derive_accept_key(key);
     // Copied, not cloned: a cloned HeaderValue shares hyper's whole read buffer, which would then
     // live as long as the connection.
     let copy = |name| req.headers().get(name).and_then(|v: &HeaderValue| HeaderValue::from_bytes(v.as_bytes()).ok());
@@ -163,14 +149,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     let upgrade = hyper::upgrade::on(&mut req);
     app.tracker.spawn(relay::run(app.clone(), upgrade, session));
 
-    let resp = Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Full::new(Bytes::new()))
-        .expect("static response parts are valid");
-    Ok(resp)
+    Ok(switching_protocols(&req))
 }
 
 const WRONG_VERSION: &str = "Sec-WebSocket-Version must be 13";
@@ -250,10 +229,16 @@ fn check(
     } else {
         None
     };
+    validate_upgrade(req, &current.config.server.allowed_origins)?;
+    Ok((route_index, path_region, query_region))
+}
+
+/// The checks every WebSocket upgrade on the main listener passes, relayed or not: the Origin
+/// allow-list, then a well-formed RFC 6455 upgrade with no body.
+pub(crate) fn validate_upgrade(req: &Request<Incoming>, origins: &[crate::config::OriginPattern]) -> Result<(), Refusal> {
     let h = req.headers();
     // Cross-site WebSocket hijacking: a page on another site must not ride the user's network.
     // Requests without Origin (websocat, servers) are not from a browser page and pass.
-    let origins = &current.config.server.allowed_origins;
     if let Some(origin) = h.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         if !origins.is_empty() && !origins.iter().any(|p| p.matches(origin)) {
@@ -288,5 +273,39 @@ fn check(
     if !key_ok {
         return Err(refuse(Outcome::BadRequest, "Sec-WebSocket-Key is missing or not 16 bytes of base64"));
     }
-    Ok((route_index, path_region, query_region))
+    Ok(())
+}
+
+/// The 101 that accepts a validated upgrade.
+pub(crate) fn switching_protocols(req: &Request<Incoming>) -> Resp {
+    let key = req.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| k.as_bytes()).unwrap_or_default();
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key))
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts are valid")
+}
+
+/// The answer to a request refused before the upgrade: the outcome's status and a body naming
+/// the outcome, the reason and the connection id.
+pub(crate) fn refusal_response(refusal: &Refusal, conn_id: &str) -> Resp {
+    let body = format!("{}: {} (conn={})\n", refusal.outcome, refusal.why, conn_id);
+    let mut resp = text(refusal.outcome.http_status(), body);
+    match refusal.outcome {
+        Outcome::NotWebsocket => {
+            resp.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        }
+        Outcome::BadRequest if refusal.why == WRONG_VERSION => {
+            resp.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {
+            // A refused upgrade attempt has no reason to keep its connection.
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    resp
 }

@@ -8,10 +8,12 @@
 //! - [`handshake`]: routes the request, validates the upgrade, answers 101;
 //! - [`relay`]: reads the first message's token, connects upstream ([`upstream`]), runs the
 //!   frame [`pump`];
-//! - [`records`]: the handshake and close records; [`outcome`]: their outcome words.
+//! - [`records`]: the handshake and close records; [`outcome`]: their outcome words;
+//! - [`diag`]: the `/diag` page that tells a user why their WebSocket fails.
 
 pub mod admin;
 pub mod config;
+pub mod diag;
 pub mod diagnose;
 pub mod frame;
 #[doc(hidden)]
@@ -71,6 +73,8 @@ pub struct App {
     /// `[server] proxy_protocol` as started: like `tls`, it changes only with a restart.
     pub proxy_protocol: bool,
     pub limiter: limits::Limiter,
+    /// The `/diag` page's shared state (its last gateway probes).
+    pub diag: diag::Diag,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
 }
@@ -109,6 +113,7 @@ impl App {
             proxy_protocol: config.server.proxy_protocol,
             certs,
             limiter: limits::Limiter::new(config.limits.clone(), derived_max),
+            diag: diag::Diag::default(),
             admin_addr: OnceLock::new(),
             current: ArcSwap::from_pointee(Current { router: routing::Router::new(&config), config }),
         }))

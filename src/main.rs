@@ -221,7 +221,7 @@ fn init_logging(args: &RunArgs) {
     }
 }
 
-fn check_config(path: &PathBuf) -> ExitCode {
+fn check_config(path: &std::path::Path) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -68,6 +68,8 @@ pub enum Outcome {
     IdleTimeout,
     /// Closed through the admin API (`DELETE /connections/{id}`).
     ClosedByOperator,
+    /// The `/diag` echo endpoint's bound on messages or time was reached.
+    DiagLimit,
 }
 
 impl Outcome {
@@ -106,6 +108,7 @@ impl Outcome {
             Outcome::UpstreamSilent => "upstream_silent",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::ClosedByOperator => "closed_by_operator",
+            Outcome::DiagLimit => "diag_limit",
         }
     }
 

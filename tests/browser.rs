@@ -16,25 +16,6 @@ use tokio::process::{Child, Command};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
-fn chromium() -> String {
-    std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
-}
-
-/// Whether Chromium, node and the npm packages are here; in CI their absence is a failure.
-fn browser_ready() -> bool {
-    let modules = Path::new(REPO).join("tests/browser/node_modules/twilio-video/dist/twilio-video.min.js");
-    let node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    let ready = modules.exists() && Path::new(&chromium()).exists() && node;
-    if !ready {
-        let why = "browser tests need Chromium, node and tests/browser/node_modules: run tests/run.sh";
-        if std::env::var_os("CI").is_some() {
-            panic!("{why}");
-        }
-        eprintln!("SKIPPED: {why}");
-    }
-    ready
-}
-
 /// One page running `Video.connect` through the relay (tests/browser/connect.mjs).
 struct Page {
     child: Child,

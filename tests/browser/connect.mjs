@@ -15,7 +15,7 @@ import http from 'node:http';
 import path from 'node:path';
 import readline from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launch } from './launch.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const spec = JSON.parse(process.argv[2]);
@@ -37,16 +37,7 @@ const server = http.createServer((req, res) => {
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
 const origin = `http://127.0.0.1:${server.address().port}`;
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: [
-    '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    // The relay's certificate comes from the test CA.
-    '--ignore-certificate-errors',
-    '--host-resolver-rules=MAP * 127.0.0.1:9, EXCLUDE localhost, EXCLUDE 127.0.0.1',
-  ],
-});
+const browser = await launch('127.0.0.1:9', ['localhost', '127.0.0.1']);
 let exitCode = 0;
 try {
   const context = await browser.newContext({ ignoreHTTPSErrors: true });

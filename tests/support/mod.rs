@@ -567,3 +567,23 @@ where
 {
     tokio_tungstenite::client_async(url, stream).await.expect("websocket upgrade").0
 }
+
+/// Debian's Chromium, or `$CHROMIUM`.
+pub fn chromium() -> String {
+    std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
+}
+
+/// Whether Chromium, node and the npm packages are here; in CI their absence is a failure.
+pub fn browser_ready() -> bool {
+    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/twilio-video/dist/twilio-video.min.js");
+    let node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ready = modules.exists() && std::path::Path::new(&chromium()).exists() && node;
+    if !ready {
+        let why = "browser tests need Chromium, node and tests/browser/node_modules: run tests/run.sh";
+        if std::env::var_os("CI").is_some() {
+            panic!("{why}");
+        }
+        eprintln!("SKIPPED: {why}");
+    }
+    ready
+}

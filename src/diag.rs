@@ -1,0 +1,352 @@
+//! The `/diag` page on the main listener (`[diag] enabled`, on by default): one link a support
+//! engineer sends a user, answering "why did the WebSocket fail?" from the user's own browser.
+//!
+//! Everything it needs is served from here, embedded in the binary, under a strict
+//! Content-Security-Policy:
+//! - `GET /diag` with `diag.js` and `diag.css`: the page (src/diag/);
+//! - `GET /diag/echo`: a WebSocket answered by sigrelay itself (no gateway), with a handshake and
+//!   a close record, whose first message tells the page its connection id;
+//! - `GET /diag/api/info`: server time (for clock skew), routes and allowed regions;
+//! - `GET /diag/api/route?path=…&region=…`: the route, region and gateway sigrelay would pick for
+//!   a `wsServer` path and a token's region (the token itself never leaves the page);
+//! - `POST /diag/api/probes`: the server-side probes of every configured gateway, run at most
+//!   once per [`PROBE_INTERVAL`] whoever asks; nothing in the request can name a host.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::diagnose::{probe_all, Probe};
+use crate::handshake::{refusal_response, switching_protocols, validate_upgrade, ConnContext};
+use crate::limits::Permit;
+use crate::outcome::{close_code, Outcome, Side};
+use crate::records::{millis, CloseRecord, HandshakeRecord};
+use crate::routing::{PathMatch, Router};
+use crate::{App, Current};
+
+const INDEX_HTML: &str = include_str!("diag/index.html");
+const DIAG_JS: &str = include_str!("diag/diag.js");
+const DIAG_CSS: &str = include_str!("diag/diag.css");
+
+/// The page may talk to sigrelay and, for the direct-path check, to Twilio's two default
+/// gateways; nothing else, and nothing inline.
+const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+     connect-src 'self' wss://global.vss.twilio.com wss://sdkgw.us1.twilio.com; \
+     base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// Server-side probes run at most this often; requests in between get the last results.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// The echo endpoint's bounds: a diagnostic, not a free WebSocket service.
+const ECHO_MAX_MESSAGES: u64 = 64;
+const ECHO_MAX_MESSAGE_SIZE: usize = 4096;
+const ECHO_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The route name the echo endpoint's records carry.
+pub const ECHO_ROUTE: &str = "diag";
+
+/// The last probe run, shared by every page.
+#[derive(Default)]
+pub struct Diag {
+    last_probes: tokio::sync::Mutex<Option<(Instant, Arc<Vec<Probe>>)>>,
+}
+
+/// Whether a path belongs to the diagnostics page.
+pub fn owns(path: &str) -> bool {
+    path == crate::config::DIAG_PREFIX || path.starts_with("/diag/")
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CACHE_CONTROL, "no-store")
+        .header(header::CONTENT_SECURITY_POLICY, CSP)
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::X_FRAME_OPTIONS, "DENY")
+        .header(header::REFERRER_POLICY, "no-referrer")
+        .header("cross-origin-resource-policy", "same-origin")
+        .body(Full::new(body.into()))
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Resp {
+    respond(status, "application/json", value.to_string())
+}
+
+/// Answers a request under `/diag`. `client_addr` is the address records carry.
+pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Current>, client_addr: std::net::SocketAddr) -> Resp {
+    let app = &conn.app;
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/diag" | "/diag/") => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
+        (&Method::GET, "/diag/diag.js") => respond(StatusCode::OK, "text/javascript; charset=utf-8", DIAG_JS),
+        (&Method::GET, "/diag/diag.css") => respond(StatusCode::OK, "text/css; charset=utf-8", DIAG_CSS),
+        (&Method::GET, "/diag/api/info") => json_response(StatusCode::OK, &info(&current)),
+        (&Method::GET, "/diag/api/route") => {
+            let query = req.uri().query().unwrap_or("");
+            let param = |name: &str| form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned());
+            match param("path") {
+                Some(path) => json_response(StatusCode::OK, &route_for(&current.router, &path, param("region").as_deref())),
+                None => json_response(StatusCode::BAD_REQUEST, &json!({"error": "path is required"})),
+            }
+        }
+        (&Method::POST, "/diag/api/probes") => {
+            // A custom header makes a cross-site POST need a CORS preflight, which is never granted.
+            if !req.headers().contains_key("x-sigrelay-diag") {
+                return json_response(StatusCode::FORBIDDEN, &json!({"error": "X-Sigrelay-Diag header required"}));
+            }
+            let (age, probes) = app.diag.probes(app, &current).await;
+            json_response(StatusCode::OK, &json!({"ran_s_ago": age.as_secs_f64(), "probes": &*probes}))
+        }
+        (&Method::GET, "/diag/echo") => echo_upgrade(req, conn, &current, client_addr),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
+    }
+}
+
+impl Diag {
+    /// The last probe results if they are fresh, else a new run. One run at a time: a request
+    /// arriving during a run waits for it and shares its results.
+    async fn probes(&self, app: &App, current: &Current) -> (Duration, Arc<Vec<Probe>>) {
+        let mut last = self.last_probes.lock().await;
+        if let Some((at, probes)) = &*last {
+            if at.elapsed() < PROBE_INTERVAL {
+                return (at.elapsed(), probes.clone());
+            }
+        }
+        let probes = Arc::new(probe_all(&current.config, &app.connector, None, None).await);
+        *last = Some((Instant::now(), probes.clone()));
+        (Duration::ZERO, probes)
+    }
+}
+
+fn info(current: &Current) -> Value {
+    let c = &current.config;
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    let routes: Vec<Value> = c
+        .routes
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "path": r.path,
+                "region_from": r.region_from.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                "default_region": r.default_region,
+            })
+        })
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "now_ms": now_ms,
+        "regions": c.regions,
+        "routes": routes,
+        "probe_interval_s": PROBE_INTERVAL.as_secs(),
+    })
+}
+
+/// What the relay would do with a connection on `path` (which may carry `?region=`) whose token
+/// names `token_region`: the same [`Router`] calls a real connection goes through.
+pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Value {
+    let (path, query) = match path.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path, None),
+    };
+    let token_region = token_region.filter(|r| !r.is_empty());
+    let (index, path_region) = match router.match_path(path) {
+        PathMatch::Route { index, region } => (index, region),
+        PathMatch::NotFound => return json!({"ok": false, "error": format!("no route for {path}")}),
+        PathMatch::BadRegion => {
+            return json!({"ok": false, "error": format!("the region in {path} is not in the relay's allowed regions")})
+        }
+    };
+    let entry = router.entry(index);
+    let query_region = if entry.uses(crate::routing::RegionSource::Query) {
+        match Router::query_region(query) {
+            Some(r) if !router.is_allowed(r) => {
+                return json!({"ok": false, "error": format!("region={r} in the query is not in the relay's allowed regions")})
+            }
+            r => r,
+        }
+    } else {
+        None
+    };
+    let chosen = entry.choose(path_region, query_region, Some(token_region)).expect("the token region is given");
+    let gateway = entry.target(&chosen.region).map(|t| t.url.clone());
+    json!({
+        "ok": true,
+        "route": entry.route.name,
+        "region": chosen.region,
+        "source": chosen.source.as_str(),
+        "gateway": gateway,
+        "token_region": token_region,
+        "token_region_allowed": token_region.map(|r| router.is_allowed(r)),
+        "mismatch": token_region.map(|r| r != chosen.region),
+    })
+}
+
+/// Validates and answers the echo endpoint's upgrade; the session runs in its own task.
+fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: std::net::SocketAddr) -> Resp {
+    let app = &conn.app;
+    let started = Instant::now();
+    let mut record = HandshakeRecord::new(crate::handshake::new_conn_id(), client_addr, conn.sni.clone());
+    record.tls_ms = conn.tls_ms;
+    record.route = Some(ECHO_ROUTE.into());
+    record.path = Some(req.uri().path().to_string());
+    let text = |name| req.headers().get(name).map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).chars().take(256).collect());
+    record.origin = text(header::ORIGIN);
+    record.user_agent = text(header::USER_AGENT);
+    if let Err(refusal) = validate_upgrade(&req, &current.config.server.allowed_origins) {
+        record.outcome = Some(refusal.outcome);
+        record.error = Some(refusal.why.to_string());
+        record.total_ms = Some(millis(started.elapsed()));
+        let resp = refusal_response(&refusal, &record.conn_id);
+        app.records.handshake(record);
+        return resp;
+    }
+    let admitted = app.limiter.admit(client_addr.ip());
+    let upgrade = hyper::upgrade::on(&mut req);
+    let timeout = current.config.server.handshake_timeout;
+    app.tracker.spawn(echo(app.clone(), upgrade, timeout, record, started, admitted));
+    switching_protocols(&req)
+}
+
+/// The echo session: hello with the connection id, then every data message back, within
+/// [`ECHO_MAX_MESSAGES`] and [`ECHO_LIFETIME`].
+async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: HandshakeRecord, started: Instant, admitted: Result<Permit, Outcome>) {
+    let conn_id = record.conn_id.clone();
+    let io = match tokio::time::timeout(timeout, upgrade).await {
+        Ok(Ok(io)) => TokioIo::new(io),
+        failed => {
+            record.outcome = Some(if matches!(failed, Ok(Err(_))) { Outcome::ClientGone } else { Outcome::ClientTimeout });
+            record.error = Some("the 101 could not be delivered".into());
+            record.total_ms = Some(millis(started.elapsed()));
+            app.records.handshake(record);
+            return;
+        }
+    };
+    let config = WebSocketConfig::default().max_message_size(Some(ECHO_MAX_MESSAGE_SIZE)).max_frame_size(Some(ECHO_MAX_MESSAGE_SIZE));
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    record.total_ms = Some(millis(started.elapsed()));
+    let _permit = match admitted {
+        Ok(permit) => permit,
+        Err(outcome) => {
+            record.outcome = Some(outcome);
+            record.error = Some("over a limit".into());
+            app.records.handshake(record);
+            let frame = CloseFrame { code: CloseCode::from(close_code::TRY_AGAIN), reason: format!("{outcome} conn={conn_id}").into() };
+            let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
+            return;
+        }
+    };
+    record.outcome = Some(Outcome::Ok);
+    let mut close = CloseRecord {
+        conn_id: conn_id.clone(),
+        client_addr: record.client_addr,
+        route: record.route.clone(),
+        ..Default::default()
+    };
+    app.records.handshake(record);
+
+    let hello = json!({"type": "hello", "conn_id": conn_id}).to_string();
+    let deadline = tokio::time::sleep(ECHO_LIFETIME);
+    tokio::pin!(deadline);
+    let mut ending: Option<(Outcome, Side, Option<u16>, String)> = None;
+    if ws.send(Message::text(hello)).await.is_err() {
+        ending = Some((Outcome::ClientGone, Side::Client, None, String::new()));
+    }
+    while ending.is_none() {
+        tokio::select! {
+            msg = ws.next() => match msg {
+                Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
+                    close.msgs_up += 1;
+                    close.bytes_up += msg.len() as u64;
+                    if close.msgs_up > ECHO_MAX_MESSAGES {
+                        ending = Some((Outcome::DiagLimit, Side::Relay, Some(close_code::POLICY), "diag echo: message limit".into()));
+                        break;
+                    }
+                    close.bytes_down += msg.len() as u64;
+                    close.msgs_down += 1;
+                    if ws.send(msg).await.is_err() {
+                        ending = Some((Outcome::ClientGone, Side::Client, None, String::new()));
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame.map(|f| (Some(u16::from(f.code)), f.reason.to_string())).unwrap_or((None, String::new()));
+                    ending = Some((Outcome::ClientClosed, Side::Client, code, reason));
+                    // tungstenite answers the close; flushing sends the answer.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), ws.flush()).await;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                    ending = Some((Outcome::MessageTooBig, Side::Relay, Some(close_code::TOO_BIG), "diag echo: message too big".into()));
+                }
+                Some(Err(_)) | None => ending = Some((Outcome::ClientGone, Side::Client, None, String::new())),
+            },
+            _ = &mut deadline => {
+                ending = Some((Outcome::DiagLimit, Side::Relay, Some(close_code::GOING_AWAY), "diag echo: time limit".into()));
+            }
+            _ = app.shutdown.close.cancelled() => {
+                ending = Some((Outcome::Shutdown, Side::Relay, Some(close_code::RESTART), "sigrelay is restarting".into()));
+            }
+        }
+    }
+    let (outcome, closed_by, code, reason) = ending.expect("the loop ends with an ending");
+    if closed_by == Side::Relay {
+        let frame = CloseFrame { code: CloseCode::from(code.unwrap_or(close_code::GOING_AWAY)), reason: reason.clone().into() };
+        let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
+    }
+    close.outcome = Some(outcome);
+    close.closed_by = Some(closed_by);
+    close.close_code = code;
+    close.close_reason = (!reason.is_empty()).then_some(reason);
+    close.duration_ms = millis(started.elapsed());
+    app.records.close(close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn route_for_follows_the_router() {
+        let router = Router::new(&Config::defaults());
+        let v = route_for(&router, "/signaling", Some("au1"));
+        assert_eq!(v["region"], "au1");
+        assert_eq!(v["source"], "token");
+        assert_eq!(v["gateway"], "wss://au1.vss.twilio.com/signaling");
+        assert_eq!(v["mismatch"], false);
+        // The path wins over the token: the region in use differs from the token's.
+        let v = route_for(&router, "/us1/signaling", Some("au1"));
+        assert_eq!(v["region"], "us1");
+        assert_eq!(v["source"], "path");
+        assert_eq!(v["mismatch"], true);
+        // A token region outside the allow-list falls back to the default.
+        let v = route_for(&router, "/signaling", Some("xx9"));
+        assert_eq!(v["source"], "default");
+        assert_eq!(v["token_region_allowed"], false);
+        assert_eq!(v["mismatch"], true);
+        assert_eq!(route_for(&router, "/nowhere", None)["ok"], false);
+        assert_eq!(route_for(&router, "/zz9/signaling", None)["ok"], false);
+        assert_eq!(route_for(&router, "/signaling?region=zz9", None)["ok"], false);
+    }
+
+    #[test]
+    fn owns_only_its_prefix() {
+        assert!(owns("/diag") && owns("/diag/") && owns("/diag/echo"));
+        assert!(!owns("/diagnostics") && !owns("/signaling"));
+    }
+}
