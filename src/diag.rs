@@ -30,7 +30,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::diagnose::{probe_all, Probe};
-use crate::handshake::{refusal_response, switching_protocols, validate_upgrade, ConnContext};
+use crate::handshake::{refuse_request, switching_protocols, validate_upgrade, ConnContext, Refusal, LIMIT_REACHED};
 use crate::limits::Permit;
 use crate::outcome::{close_code, Outcome, Side};
 use crate::records::{millis, CloseRecord, HandshakeRecord};
@@ -209,14 +209,14 @@ fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Curren
     record.origin = text(header::ORIGIN);
     record.user_agent = text(header::USER_AGENT);
     if let Err(refusal) = validate_upgrade(&req, &current.config.server.allowed_origins) {
-        record.outcome = Some(refusal.outcome);
-        record.error = Some(refusal.why.to_string());
-        record.total_ms = Some(millis(started.elapsed()));
-        let resp = refusal_response(&refusal, &record.conn_id);
-        app.records.handshake(record);
-        return resp;
+        return refuse_request(app, record, &refusal, started);
     }
-    let admitted = app.limiter.admit(client_addr.ip());
+    let admitted = match app.limiter.admit(client_addr.ip()) {
+        Err(outcome) if outcome.refused_before_upgrade() => {
+            return refuse_request(app, record, &Refusal { outcome, why: LIMIT_REACHED }, started);
+        }
+        admitted => admitted,
+    };
     let upgrade = hyper::upgrade::on(&mut req);
     let timeout = current.config.server.handshake_timeout;
     app.tracker.spawn(echo(app.clone(), upgrade, timeout, record, started, admitted));

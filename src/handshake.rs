@@ -121,14 +121,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     let accepted = check(&req, &conn, &current, &mut record);
     let (route, path_region, query_region) = match accepted {
         Ok(ok) => ok,
-        Err(refusal) => {
-            record.outcome = Some(refusal.outcome);
-            record.error = Some(refusal.why.to_string());
-            record.total_ms = Some(crate::records::millis(started.elapsed()));
-            let resp = refusal_response(&refusal, &record.conn_id);
-            app.records.handshake(record);
-            return Ok(resp);
-        }
+        Err(refusal) => return Ok(refuse_request(&app, record, &refusal, started)),
     };
 
     // Copied, not cloned: a cloned HeaderValue shares hyper's whole read buffer, which would then
@@ -143,6 +136,10 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     // the limit: browsers hide HTTP statuses from scripts, but not close codes.
     let (permit, refused) = match app.limiter.admit(client_addr.ip()) {
         Ok(p) => (Some(p), None),
+        Err(outcome) if outcome.refused_before_upgrade() => {
+            let refusal = refuse(outcome, LIMIT_REACHED);
+            return Ok(refuse_request(&app, record, &refusal, started));
+        }
         Err(outcome) => (None, Some(outcome)),
     };
     let session = Session { record, current, route, path_region, query_region, headers, started, permit, refused };
@@ -288,9 +285,22 @@ pub(crate) fn switching_protocols(req: &Request<Incoming>) -> Resp {
         .expect("static response parts are valid")
 }
 
+/// Why a request over the total connection cap is refused.
+pub(crate) const LIMIT_REACHED: &str = "the relay is at its connection limit";
+
+/// Refuses a request before the upgrade: writes its record and returns the answer.
+pub(crate) fn refuse_request(app: &App, mut record: HandshakeRecord, refusal: &Refusal, started: Instant) -> Resp {
+    record.outcome = Some(refusal.outcome);
+    record.error = Some(refusal.why.to_string());
+    record.total_ms = Some(crate::records::millis(started.elapsed()));
+    let resp = refusal_response(refusal, &record.conn_id);
+    app.records.handshake(record);
+    resp
+}
+
 /// The answer to a request refused before the upgrade: the outcome's status and a body naming
 /// the outcome, the reason and the connection id.
-pub(crate) fn refusal_response(refusal: &Refusal, conn_id: &str) -> Resp {
+fn refusal_response(refusal: &Refusal, conn_id: &str) -> Resp {
     let body = format!("{}: {} (conn={})\n", refusal.outcome, refusal.why, conn_id);
     let mut resp = text(refusal.outcome.http_status(), body);
     match refusal.outcome {
@@ -305,6 +315,9 @@ pub(crate) fn refusal_response(refusal: &Refusal, conn_id: &str) -> Resp {
         _ => {
             // A refused upgrade attempt has no reason to keep its connection.
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if refusal.outcome.refused_before_upgrade() {
+                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
         }
     }
     resp

@@ -119,9 +119,17 @@ impl Outcome {
             Outcome::NotFound => StatusCode::NOT_FOUND,
             Outcome::BadRequest | Outcome::BadRegion => StatusCode::BAD_REQUEST,
             Outcome::ForbiddenOrigin => StatusCode::FORBIDDEN,
-            Outcome::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Shutdown | Outcome::OverMaxConnections => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Whether a limit refuses with an HTTP status before the upgrade rather than with a 101 and
+    /// a close. Only the total cap does: it guards the descriptor budget, a 503 costs nothing
+    /// more, and a load balancer in front can retry it elsewhere. The per-address limits close
+    /// with 1013 and a reason, which a page can read and an HTTP status it cannot.
+    pub fn refused_before_upgrade(self) -> bool {
+        self == Outcome::OverMaxConnections
     }
 
     /// The close code the browser gets when the relay gives up on an accepted WebSocket before
@@ -131,7 +139,7 @@ impl Outcome {
         match self {
             Outcome::TokenExpired => close_code::POLICY,
             Outcome::Shutdown => close_code::RESTART,
-            Outcome::OverMaxConnections | Outcome::OverMaxConnectionsPerIp | Outcome::OverHandshakeRate => {
+            Outcome::OverMaxConnectionsPerIp | Outcome::OverHandshakeRate => {
                 close_code::TRY_AGAIN
             }
             _ => close_code::BAD_GATEWAY,

@@ -323,3 +323,81 @@ fn no_log_line_or_record_carries_a_secret() {
         }
     }
 }
+
+/// sigrelay raises its soft descriptor limit to the hard one, derives `max_connections` from it
+/// (two descriptors per relayed connection, 64 in reserve), and past it refuses with a 503 and a
+/// record instead of failing `accept()` or crashing.
+#[test]
+fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
+    use futures_util::{SinkExt, StreamExt};
+    use sigrelay::mock_gateway::Mode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = support::Pki::new();
+    let gw = rt.block_on(support::Gateway::start(&pki, Mode::Echo));
+    let config = pki.dir.path().join("sigrelay.toml");
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n\
+         [admin]\nlisten = \"off\"\n{}",
+        pki.relay_cert, pki.relay_key, pki.ca_file, support::resolve_all_to(gw.addr)
+    );
+    std::fs::write(&config, text).unwrap();
+    // Soft 100, hard 200: without the raise the cap would be 18; with it, (200 - 64) / 2 = 68.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--nofile=100:200", BIN, "run", "--config"]).arg(&config);
+    let Running { mut child, addr, .. } = start(cmd);
+    let (tx, records) = mpsc::channel::<serde_json::Value>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(serde_json::from_str(&line).unwrap());
+        }
+    });
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let relay_ws = || async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(pki.client_tls())
+            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        tokio_tungstenite::client_async(format!("wss://localhost:{port}/au1/signaling"), tls).await
+    };
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for i in 0..68 {
+            let (mut ws, _) = relay_ws().await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            ws.send(Message::text(format!("hello {i}"))).await.unwrap();
+            let echoed = tokio::time::timeout(support::WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+            assert_eq!(echoed.to_text().unwrap(), format!("hello {i}"));
+            held.push(ws);
+        }
+        match relay_ws().await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 503),
+            other => panic!("the 69th connection was not refused with 503: {other:?}"),
+        }
+        // Still serving: one leaves, another gets in.
+        let mut first = held.remove(0);
+        first.close(None).await.unwrap();
+        while first.next().await.is_some() {}
+        let mut again = None;
+        for _ in 0..50 {
+            if let Ok((ws, _)) = relay_ws().await {
+                again = Some(ws);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut again = again.expect("a connection once one left");
+        again.send(Message::text("again")).await.unwrap();
+        assert_eq!(tokio::time::timeout(support::WAIT, again.next()).await.unwrap().unwrap().unwrap().to_text().unwrap(), "again");
+    });
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert_eq!(wait_with_timeout(&mut child, Duration::from_secs(30)).code(), Some(0));
+    let all: Vec<serde_json::Value> = records.try_iter().collect();
+    let refused: Vec<_> = all.iter().filter(|r| r["outcome"] == "over_max_connections").collect();
+    assert!(!refused.is_empty(), "a record for the refused connection");
+    assert!(refused.iter().all(|r| r["event"] == "handshake" && r["route"] == "signaling"));
+    let ok = all.iter().filter(|r| r["event"] == "handshake" && r["outcome"] == "ok").count();
+    assert_eq!(ok, 69, "68 held plus the one after a slot freed");
+}

@@ -201,7 +201,7 @@ async fn idle_timeout_closes_quiet_connections() {
 }
 
 #[tokio::test]
-async fn limits_close_with_1013_naming_the_limit() {
+async fn limits_refuse_naming_the_limit() {
     let pki = Pki::new();
     let gw = Gateway::start(&pki, Mode::Echo).await;
     let limits = "[limits]\nmax_connections_per_ip = 2\n";
@@ -227,11 +227,24 @@ async fn limits_close_with_1013_naming_the_limit() {
     let mut d = relay.ws(&pki, "/au1/signaling").await;
     echo_once(&mut d, "room again").await;
 
-    let relay = Relay::start(&pki, "", "", &format!("[limits]\nmax_connections = 1\n{}", resolve_all_to(gw.addr))).await;
-    let _held = relay.ws(&pki, "/au1/signaling").await;
-    let (code, reason) = RawWs::connect(&relay, &pki, "/au1/signaling").await.read_close().await.unwrap();
-    assert_eq!(code, 1013);
-    assert!(reason.starts_with("over_max_connections conn="), "{reason}");
+    // The total cap guards the descriptor budget: refused before the upgrade with a 503, which a
+    // load balancer can retry elsewhere, and a record.
+    let mut relay = Relay::start(&pki, "", "", &format!("[limits]\nmax_connections = 1\n{}", resolve_all_to(gw.addr))).await;
+    let mut held = relay.ws(&pki, "/au1/signaling").await;
+    echo_once(&mut held, "holding").await;
+    assert_eq!(relay.record("handshake").await["outcome"], "ok");
+    let upgrade = "GET /au1/signaling HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let answer = relay.raw(&pki, upgrade).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 5"), "{answer}");
+    let refused = relay.record("handshake").await;
+    assert_eq!(refused["outcome"], "over_max_connections");
+    assert!(answer.contains(&format!("conn={}", refused["conn_id"].as_str().unwrap())), "{answer}");
+    drop(held);
+    relay.record("close").await;
+    let mut again = relay.ws(&pki, "/au1/signaling").await;
+    echo_once(&mut again, "room again").await;
 
     let rate = "[limits]\nhandshakes_per_ip_per_s = 0.1\nhandshake_burst = 2\n";
     let mut relay = Relay::start(&pki, "", "", &format!("{rate}{}", resolve_all_to(gw.addr))).await;

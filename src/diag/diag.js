@@ -172,7 +172,7 @@ function echoCheck() {
         finish('fail', 'the relay refused: ' + e.code + ' ' + e.reason, 'The relay is at a connection limit. Wait a minute and run the checks again; if it persists, your operator needs to raise the relay\'s [limits].');
       } else if (!opened) {
         finish('fail', 'the browser could not open a WebSocket to ' + location.host + ' (close code ' + e.code + ')',
-          'This network (a proxy or firewall between this browser and ' + location.host + ') blocks WebSocket upgrades, even though the page itself loaded. Ask your network team to allow WebSockets (wss) to ' + location.host + '.');
+          'This network (a proxy or firewall between this browser and ' + location.host + ') blocks WebSocket upgrades, even though the page itself loaded. Ask your network team to allow WebSockets (wss) to ' + location.host + '. (Less likely: the relay is at its connection limit; if a second run passes, that was it.)');
       } else {
         finish('fail', 'the connection closed early: ' + e.code + ' ' + e.reason, 'See the close-code table below.');
       }
