@@ -1,8 +1,8 @@
 //! Handshake and close records: flat JSON objects, one per line, on stdout.
 //!
 //! Records go through an unbounded channel to a writer thread, so a slow stdout consumer never
-//! stalls a connection and no record is dropped; `Records::flush_and_close` waits for the writer
-//! at shutdown.
+//! stalls a connection and no record is dropped; the writer writes them in batches, at most
+//! 10 ms late, and `RecordsWriter::finish` waits for it at shutdown.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -85,6 +85,10 @@ pub fn millis(d: Duration) -> f64 {
     d.as_micros() as f64 / 1000.0
 }
 
+/// How long the writer thread lets records gather after writing a batch: the most a record
+/// waits beyond its connection's end.
+const BATCH_WINDOW: Duration = Duration::from_millis(10);
+
 /// A cloneable handle that writes records.
 #[derive(Clone)]
 pub struct Records {
@@ -122,6 +126,9 @@ impl Records {
                         // Records are the product; losing them silently is not an option.
                         tracing::error!("cannot write records to stdout; records are being lost");
                     }
+                    // Under load, let records gather: one write per window instead of a
+                    // thread wake-up and a write per record. Idle, the thread just blocks.
+                    std::thread::sleep(BATCH_WINDOW);
                 }
             })
             .expect("spawning the records thread");
