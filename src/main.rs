@@ -258,7 +258,9 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    let result = tokio::runtime::Builder::new_multi_thread()
+    // One single-threaded runtime per core (this thread's plus `Workers`), rather than one
+    // work-stealing runtime: a connection's wake-ups then never cross threads.
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
@@ -300,9 +302,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let (records, writer) = sigrelay::Records::stdout();
     let app = sigrelay::App::new(config, records)?;
     let reloader = tokio::spawn(reload_on_sighup(app.clone(), args.config.clone(), args.listen, args.admin_listen));
-    let served = sigrelay::serve(app.clone(), listener, shutdown_signal());
+    let workers = std::sync::Arc::new(sigrelay::listener::Workers::per_core().context("starting the worker threads")?);
+    let served = sigrelay::serve_on(app.clone(), listener, workers.clone(), shutdown_signal());
     eprintln!("sigrelay {} listening on {addr}", env!("CARGO_PKG_VERSION"));
     served.await?;
+    workers.stop();
     reloader.abort();
     let _ = reloader.await;
     drop(app);
