@@ -10,12 +10,22 @@ export RUSTC_BOOTSTRAP=1
 seconds="${FUZZ_SECONDS:-15}"
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(first_frame_token route_region frame_header proxy_header)
+# Built first, so a build failure fails this script instead of passing for a run that never was.
+cargo fuzz build
 for t in "${targets[@]}"; do
     corpus="corpus/$t"
     mkdir -p "$corpus"
     cp ../tests/fuzz_regressions/"$t"/* "$corpus"/ 2>/dev/null || true
     echo "fuzz: $t for ${seconds}s"
-    cargo fuzz run "$t" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 2>&1 | grep -E "^#[0-9]+ +DONE|Done [0-9]+ runs|ERROR|SUMMARY" || true
+    log="$(mktemp)"
+    cargo fuzz run "$t" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 >"$log" 2>&1 || true
+    grep -E "^#[0-9]+ +DONE|Done [0-9]+ runs|ERROR|SUMMARY" "$log" || true
+    if ! grep -qE "Done [0-9]+ runs" "$log" && ! ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
+        echo "fuzz: $t did not run to its time limit:" >&2
+        tail -20 "$log" >&2
+        exit 1
+    fi
+    rm -f "$log"
     if ls "artifacts/$t"/crash-* >/dev/null 2>&1; then
         echo "fuzz: $t found a crash: fuzz/artifacts/$t" >&2
         exit 1
