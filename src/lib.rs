@@ -88,8 +88,6 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("admin.token_file: {0}")]
     AdminToken(std::io::Error),
-    #[error("starting the worker threads: {0}")]
-    Workers(std::io::Error),
 }
 
 /// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
@@ -168,16 +166,6 @@ const CERT_POLL: Duration = Duration::from_secs(1);
 /// (`/readyz` turns 503), gives live connections `drain_timeout`, closes the rest with 1012
 /// spread over `drain_jitter`, and returns.
 pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
-    serve_on(app, listener, Arc::new(listener::Workers::here()), shutdown).await
-}
-
-/// As [`serve`], with connections spread over `workers`' threads.
-pub async fn serve_on(
-    app: Arc<App>,
-    listener: TcpListener,
-    workers: Arc<listener::Workers>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), StartError> {
     let background = CancellationToken::new();
     let mut helpers = Vec::new();
     let current = app.current();
@@ -193,7 +181,7 @@ pub async fn serve_on(
         helpers.push(tokio::spawn(admin::serve(admin, app.clone(), token, background.clone())));
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
-    let accepting = app.tracker.spawn(listener::accept_loop(listener, app.clone(), workers));
+    let accepting = app.tracker.spawn(listener::accept_loop(listener, app.clone()));
     shutdown.await;
     shutdown::drain(&app, accepting).await;
     background.cancel();
@@ -224,14 +212,11 @@ async fn background_chores(app: Arc<App>, stop: CancellationToken) {
     }
 }
 
-/// Runs the whole relay in one call: records on stdout, connections spread over one thread per
-/// core. (`main` does the same, plus reloads on SIGHUP.)
+/// Runs the relay with records on stdout: the entry point `main` uses.
 pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let (records, writer) = Records::stdout();
     let app = App::new(config, records)?;
-    let workers = Arc::new(listener::Workers::per_core().map_err(StartError::Workers)?);
-    serve_on(app, listener, workers.clone(), shutdown).await?;
-    workers.stop();
+    serve(app, listener, shutdown).await?;
     // The writer thread ends once every Records handle is gone; a task still stuck after the
     // forced close must not keep the process alive.
     let _ = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| writer.finish())).await;

@@ -2,7 +2,7 @@
 //! `handshake_timeout`) and the HTTP/1.1 server with upgrades.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,86 +21,18 @@ use crate::App;
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// The runtimes connections run on: the accepting one, plus any worker threads, each with a
-/// single-threaded runtime. Connections are dealt out round-robin and each stays on its thread
-/// from accept to close, so none of its wake-ups cross threads.
-pub struct Workers {
-    handles: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
-    stop: tokio_util::sync::CancellationToken,
-    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
-}
-
-impl Workers {
-    /// No worker threads: connections run on the runtime that accepts them.
-    pub fn here() -> Workers {
-        Workers::start(0).expect("no thread to start")
-    }
-
-    /// The accepting runtime plus `extra` worker threads.
-    pub fn start(extra: usize) -> std::io::Result<Workers> {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let mut handles = Vec::new();
-        let mut threads = Vec::new();
-        for i in 0..extra {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            handles.push(rt.handle().clone());
-            let stop = stop.clone();
-            let thread = std::thread::Builder::new().name(format!("sigrelay-worker-{i}")).spawn(move || rt.block_on(stop.cancelled()))?;
-            threads.push(thread);
-        }
-        Ok(Workers { handles, next: AtomicUsize::new(0), stop, threads: std::sync::Mutex::new(threads) })
-    }
-
-    /// One thread per CPU the process may use, the accepting one included.
-    pub fn per_core() -> std::io::Result<Workers> {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        Workers::start(cores - 1)
-    }
-
-    /// Starts serving an accepted connection on the next runtime in turn.
-    fn dispatch(&self, app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % (self.handles.len() + 1);
-        if turn == 0 {
-            app.tracker.spawn(serve_connection(app.clone(), tcp, addr));
-            return;
-        }
-        // A socket is registered with one runtime's reactor: move it out, then into the worker's.
-        let std = match tcp.into_std() {
-            Ok(std) => std,
-            Err(e) => return tracing::error!(error = %e, client = %addr, "cannot hand a connection to a worker; dropped"),
-        };
-        let served = {
-            let app = app.clone();
-            async move {
-                match TcpStream::from_std(std) {
-                    Ok(tcp) => serve_connection(app, tcp, addr).await,
-                    Err(e) => tracing::error!(error = %e, client = %addr, "cannot register a connection with a worker; dropped"),
-                }
-            }
-        };
-        self.handles[turn - 1].spawn(app.tracker.track_future(served));
-    }
-
-    /// Stops the worker threads; call after the drain, when their connections are done.
-    pub fn stop(&self) {
-        self.stop.cancel();
-        for t in self.threads.lock().unwrap().drain(..) {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Accepts until shutdown starts. One failed `accept()` never ends the loop; when descriptors
 /// run out it backs off briefly instead of spinning.
-pub async fn accept_loop(listener: TcpListener, app: Arc<App>, workers: Arc<Workers>) {
+pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = app.shutdown.drain.cancelled() => return,
         };
         match accepted {
-            Ok((tcp, addr)) => workers.dispatch(&app, tcp, addr),
+            Ok((tcp, addr)) => {
+                app.tracker.spawn(serve_connection(app.clone(), tcp, addr));
+            }
             Err(e) => {
                 // ENFILE (23) and EMFILE (24): retrying at once would spin.
                 let exhausted = matches!(e.raw_os_error(), Some(23 | 24));

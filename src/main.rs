@@ -258,9 +258,7 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    // One single-threaded runtime per core (this thread's plus `Workers`), rather than one
-    // work-stealing runtime: a connection's wake-ups then never cross threads.
-    let result = tokio::runtime::Builder::new_current_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
@@ -302,11 +300,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let (records, writer) = sigrelay::Records::stdout();
     let app = sigrelay::App::new(config, records)?;
     let reloader = tokio::spawn(reload_on_sighup(app.clone(), args.config.clone(), args.listen, args.admin_listen));
-    let workers = std::sync::Arc::new(sigrelay::listener::Workers::per_core().context("starting the worker threads")?);
-    let served = sigrelay::serve_on(app.clone(), listener, workers.clone(), shutdown_signal());
+    let served = sigrelay::serve(app.clone(), listener, shutdown_signal());
     eprintln!("sigrelay {} listening on {addr}", env!("CARGO_PKG_VERSION"));
     served.await?;
-    workers.stop();
     reloader.abort();
     let _ = reloader.await;
     drop(app);
