@@ -306,3 +306,33 @@ async fn the_page_in_chromium_finds_each_cause_and_reports_conn_ids() {
     assert!(png.len() > 10_000, "a real screenshot");
     eprintln!("screenshot: {}", screenshot.display());
 }
+
+#[tokio::test]
+async fn the_page_in_chromium_names_an_old_browser_a_blocked_network_and_a_gateway_down() {
+    if !browser_ready() {
+        return;
+    }
+    let pki = Pki::new();
+    let closed = closed_port().await;
+    // Every gateway on a closed port: down, as far as the relay can tell.
+    let relay = Relay::start(&pki, "", "", &resolve_all_to(closed)).await;
+    let lines = run_page(json!({
+        "url": format!("https://localhost:{}/diag", relay.addr.port()),
+        "closed": closed.port(),
+        "simulate": ["no-webrtc", "ws-blocked"],
+        "runs": [{"token": token("au1_valid_until_2100"), "wsServer": ""}],
+    }))
+    .await;
+    let run = lines.iter().find(|l| l["event"] == "run").expect("a run");
+    assert_eq!(statuses(run, "browser"), ["fail"], "{run}");
+    assert_eq!(statuses(run, "relay-http"), ["pass"], "{run}");
+    assert_eq!(statuses(run, "relay-ws"), ["fail"], "{run}");
+    let gateways = statuses(run, "gateway");
+    assert!(!gateways.is_empty() && gateways.iter().all(|s| s == "fail"), "{run}");
+    let found = findings(run);
+    for cause in ["Unsupported browser", "Blocked network", "Gateway down"] {
+        assert!(found.contains(cause), "{cause} missing from {found}");
+    }
+    assert!(!found.contains("No problem found"), "{found}");
+    assert!(run["report"].as_str().unwrap().contains("upstream_connect_error"), "{run}");
+}

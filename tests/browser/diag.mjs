@@ -2,7 +2,9 @@
 //
 // Usage: node diag.mjs '<spec as JSON>'
 //   spec: { url: "https://localhost:PORT/diag", closed: PORT, screenshot: "file.png",
-//           runs: [{ token: "...", wsServer: "..." }, ...] }
+//           runs: [{ token: "...", wsServer: "..." }, ...],
+//           simulate: ["no-webrtc", "ws-blocked"] (optional: an old browser, a proxy that
+//           refuses WebSocket upgrades) }
 // Every host name but localhost resolves to 127.0.0.1:<closed> (a closed port), so the page's
 // direct-to-Twilio check reaches nothing and nothing leaves the machine.
 // Prints one JSON line per run: {"event":"run","checks":[...],"connIds":[...],"findings":[...],
@@ -18,6 +20,20 @@ try {
   const origin = new URL(spec.url).origin;
   const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1200, height: 900 } });
   await context.grantPermissions(['clipboard-read', 'clipboard-write'], { origin });
+  // Simulated causes, set up before the page's own script runs.
+  if ((spec.simulate || []).includes('no-webrtc')) {
+    await context.addInitScript(() => { window.RTCPeerConnection = undefined; });
+  }
+  if ((spec.simulate || []).includes('ws-blocked')) {
+    // Like a proxy that refuses WebSocket upgrades: the echo's upgrade gets a 404 instead.
+    await context.addInitScript(() => {
+      const Real = window.WebSocket;
+      window.WebSocket = function (url, protocols) {
+        return new Real(String(url).replace('/diag/echo', '/diag/blocked'), protocols);
+      };
+      window.WebSocket.prototype = Real.prototype;
+    });
+  }
   const tab = await context.newPage();
   const csp = [];
   tab.on('console', (m) => {
