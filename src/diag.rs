@@ -23,6 +23,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -60,7 +61,13 @@ pub const ECHO_ROUTE: &str = "diag";
 /// The last probe run, shared by every page.
 #[derive(Default)]
 pub struct Diag {
-    last_probes: tokio::sync::Mutex<Option<(Instant, Arc<Vec<Probe>>)>>,
+    last_run: std::sync::Mutex<Option<ProbeRun>>,
+}
+
+/// A probe run: when it started, and its results (with when it finished) once it has.
+struct ProbeRun {
+    started: Instant,
+    done: watch::Receiver<Option<(Instant, Arc<Vec<Probe>>)>>,
 }
 
 /// Whether a path belongs to the diagnostics page.
@@ -118,18 +125,31 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Cur
 }
 
 impl Diag {
-    /// The last probe results if they are fresh, else a new run. One run at a time: a request
-    /// arriving during a run waits for it and shares its results.
-    async fn probes(&self, app: &App, current: &Current) -> (Duration, Arc<Vec<Probe>>) {
-        let mut last = self.last_probes.lock().await;
-        if let Some((at, probes)) = &*last {
-            if at.elapsed() < PROBE_INTERVAL {
-                return (at.elapsed(), probes.clone());
+    /// The results of the run started less than [`PROBE_INTERVAL`] ago, or of a new one, and how
+    /// long ago they were gathered. A run is its own task: a page that leaves cannot cancel it,
+    /// so runs start at most once per interval however requests come and go.
+    async fn probes(&self, app: &Arc<App>, current: &Current) -> (Duration, Arc<Vec<Probe>>) {
+        let mut done = {
+            let mut last = self.last_run.lock().unwrap();
+            match &*last {
+                Some(run) if run.started.elapsed() < PROBE_INTERVAL => run.done.clone(),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    let (app, config) = (app.clone(), current.config.clone());
+                    tokio::spawn(async move {
+                        let probes = probe_all(&config, &app.connector, None, None).await;
+                        let _ = tx.send(Some((Instant::now(), Arc::new(probes))));
+                    });
+                    *last = Some(ProbeRun { started: Instant::now(), done: rx.clone() });
+                    rx
+                }
             }
+        };
+        let finished = done.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+        match finished {
+            Some((at, probes)) => (at.elapsed(), probes),
+            None => (Duration::ZERO, Arc::new(Vec::new())),
         }
-        let probes = Arc::new(probe_all(&current.config, &app.connector, None, None).await);
-        *last = Some((Instant::now(), probes.clone()));
-        (Duration::ZERO, probes)
     }
 }
 
@@ -208,7 +228,9 @@ fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Curren
     let text = |name| req.headers().get(name).map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).chars().take(256).collect());
     record.origin = text(header::ORIGIN);
     record.user_agent = text(header::USER_AGENT);
-    if let Err(refusal) = validate_upgrade(&req, &current.config.server.allowed_origins) {
+    // No Origin allow-list here: the echo relays nothing, and the relay's own page must reach it
+    // whatever origins the app is allowed.
+    if let Err(refusal) = validate_upgrade(&req, &[]) {
         return refuse_request(app, record, &refusal, started);
     }
     let admitted = match app.limiter.admit(client_addr.ip()) {
@@ -261,11 +283,17 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: 
     app.records.handshake(record);
 
     let hello = json!({"type": "hello", "conn_id": conn_id}).to_string();
-    let deadline = tokio::time::sleep(ECHO_LIFETIME);
+    // Sends are bounded by the deadline too: a client that stops reading cannot hold the task.
+    let deadline_at = Instant::now() + ECHO_LIFETIME;
+    let deadline = tokio::time::sleep_until(deadline_at);
     tokio::pin!(deadline);
+    let time_limit = || Some((Outcome::DiagLimit, Side::Relay, Some(close_code::GOING_AWAY), "diag echo: time limit".to_string()));
+    let gone = || Some((Outcome::ClientGone, Side::Client, None, String::new()));
     let mut ending: Option<(Outcome, Side, Option<u16>, String)> = None;
-    if ws.send(Message::text(hello)).await.is_err() {
-        ending = Some((Outcome::ClientGone, Side::Client, None, String::new()));
+    match tokio::time::timeout_at(deadline_at, ws.send(Message::text(hello))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => ending = gone(),
+        Err(_) => ending = time_limit(),
     }
     while ending.is_none() {
         tokio::select! {
@@ -279,8 +307,10 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: 
                     }
                     close.bytes_down += msg.len() as u64;
                     close.msgs_down += 1;
-                    if ws.send(msg).await.is_err() {
-                        ending = Some((Outcome::ClientGone, Side::Client, None, String::new()));
+                    match tokio::time::timeout_at(deadline_at, ws.send(msg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => ending = gone(),
+                        Err(_) => ending = time_limit(),
                     }
                 }
                 Some(Ok(Message::Close(frame))) => {
@@ -293,11 +323,9 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: 
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
                     ending = Some((Outcome::MessageTooBig, Side::Relay, Some(close_code::TOO_BIG), "diag echo: message too big".into()));
                 }
-                Some(Err(_)) | None => ending = Some((Outcome::ClientGone, Side::Client, None, String::new())),
+                Some(Err(_)) | None => ending = gone(),
             },
-            _ = &mut deadline => {
-                ending = Some((Outcome::DiagLimit, Side::Relay, Some(close_code::GOING_AWAY), "diag echo: time limit".into()));
-            }
+            _ = &mut deadline => ending = time_limit(),
             _ = app.shutdown.close.cancelled() => {
                 ending = Some((Outcome::Shutdown, Side::Relay, Some(close_code::RESTART), "sigrelay is restarting".into()));
             }

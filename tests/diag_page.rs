@@ -85,15 +85,27 @@ async fn probes_cover_every_gateway_and_run_at_most_once_per_interval() {
     let mut gw = Gateway::start(&pki, Mode::Echo).await;
     let relay = Relay::to_gateway(&pki, &gw, "").await;
     let post = "POST /diag/api/probes HTTP/1.1\r\nHost: localhost\r\nX-Sigrelay-Diag: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
-    let first = body_json(&relay.raw(&pki, post).await);
-    let probes = first["probes"].as_array().unwrap();
+    // Pages that leave mid-run cannot cancel and restart the probes: these requests are dropped
+    // as soon as they are sent, and the gateways still see exactly one whole run.
+    for _ in 0..5 {
+        let mut tls = relay.tls(&pki).await;
+        tokio::io::AsyncWriteExt::write_all(&mut tls, post.as_bytes()).await.unwrap();
+        tokio::io::AsyncWriteExt::flush(&mut tls).await.unwrap();
+        // Long enough for the request to arrive, far shorter than a run.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        drop(tls);
+    }
     let n = relay.app.current().config.routes.len() * relay.app.current().config.regions.len();
-    assert_eq!(probes.len(), n, "{first}");
-    assert!(probes.iter().all(|p| p["ok"] == true && p["tls_ms"].is_f64()), "{first}");
     for _ in 0..n {
         let close = gw.event("close").await;
-        assert_eq!(close["reason"], "sigrelay diagnose");
+        assert_eq!(close["reason"], "sigrelay diagnose", "{close}");
     }
+    gw.assert_quiet().await;
+    let first = body_json(&relay.raw(&pki, post).await);
+    let probes = first["probes"].as_array().unwrap();
+    assert_eq!(probes.len(), n, "{first}");
+    assert!(probes.iter().all(|p| p["ok"] == true && p["tls_ms"].is_f64()), "{first}");
+    gw.assert_quiet().await;
     // A second page within the interval gets the same run; the gateways see nothing new.
     let second = body_json(&relay.raw(&pki, post).await);
     assert!(second["ran_s_ago"].as_f64().unwrap() > 0.0, "{second}");
@@ -150,6 +162,18 @@ async fn echo_endpoint_tells_its_conn_id_and_writes_records() {
     assert_eq!(close["close_code"], 1000);
     assert_eq!(close["msgs_up"], 4);
     assert_eq!(close["msgs_down"], 4);
+}
+
+#[tokio::test]
+async fn echo_endpoint_is_reachable_whatever_the_origin_allow_list() {
+    let pki = Pki::new();
+    let relay = Relay::start(&pki, "allowed_origins = [\"https://app.example.com\"]", "", "").await;
+    let own = format!("https://localhost:{}", relay.addr.port());
+    let mut ws = relay.ws_with(&pki, "/diag/echo", &[("origin", &own)]).await.expect("the page's own echo");
+    let hello = next_data(&mut ws).await;
+    assert!(hello.to_text().unwrap().contains("conn_id"));
+    // The relayed routes still hold to the list.
+    assert!(relay.ws_with(&pki, "/au1/signaling", &[("origin", &own)]).await.is_err());
 }
 
 #[tokio::test]
@@ -218,6 +242,11 @@ async fn run_page(spec: Value) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
+/// A token broken into 40-character lines.
+fn wrapped(token: &str) -> String {
+    token.as_bytes().chunks(40).map(|c| std::str::from_utf8(c).unwrap()).collect::<Vec<_>>().join("\n")
+}
+
 fn statuses(run: &Value, id: &str) -> Vec<String> {
     run["checks"].as_array().unwrap().iter().filter(|c| c["id"] == id).map(|c| c["status"].as_str().unwrap().to_string()).collect()
 }
@@ -245,7 +274,8 @@ async fn the_page_in_chromium_finds_each_cause_and_reports_conn_ids() {
         "closed": closed.port(),
         "screenshot": screenshot,
         "runs": [
-            {"token": token("au1_valid_until_2100"), "wsServer": format!("{base}/signaling")},
+            // Wrapped over lines, as a token pasted from an email is.
+            {"token": wrapped(&token("au1_valid_until_2100")), "wsServer": format!("{base}/signaling")},
             {"token": token("au1_expired_2020"), "wsServer": ""},
             // Last, so the screenshot shows a failure and its fix.
             {"token": token("de1_valid_until_2100"), "wsServer": format!("{base}/au1/signaling")},

@@ -269,19 +269,21 @@ function decodeJwt(token) {
   return { header: dec(parts[0], 'header'), payload: dec(parts[1], 'payload') };
 }
 
-function wsServerPath() {
+// The wsServer URL typed in: null when empty, { bad } when unusable, else its host and path.
+function wsServer() {
   const raw = $('#wsserver').value.trim();
   if (!raw) return null;
   try {
     const u = new URL(raw, location.href);
-    return u.pathname + u.search;
+    return { host: u.host, path: u.pathname + u.search };
   } catch (_) {
-    return null;
+    return { bad: raw };
   }
 }
 
 async function tokenChecks() {
-  const raw = $('#token').value.trim();
+  // A token pasted from an email or a terminal may be wrapped over lines.
+  const raw = $('#token').value.replace(/\s+/g, '');
   if (!raw) {
     addCheck({ id: 'token', name: 'Token', status: 'info', detail: 'No token pasted: token checks skipped.' });
     return null;
@@ -319,13 +321,22 @@ async function tokenChecks() {
       detail: 'nbf ' + new Date(p.nbf * 1000).toISOString() + ': not valid for another ' + fmtDuration(p.nbf - now),
       fix: 'The clock of the server that mints tokens is ahead; it should sync its time (NTP).' });
   }
-  const path = wsServerPath() || ((info && info.routes[0]) ? info.routes[0].path : '/signaling');
+  const defaultPath = (info && info.routes[0]) ? info.routes[0].path : '/signaling';
+  const ws = wsServer();
+  if (ws && (ws.bad || ws.host !== location.host)) {
+    t.notRelay = true;
+    addCheck({ id: 'token-region', name: 'The app\'s wsServer points at this relay', status: 'fail',
+      detail: ws.bad ? 'Not a URL: ' + ws.bad : 'wsServer names ' + ws.host + ', not this relay (' + location.host + ').',
+      fix: 'Give the SDK this relay: wsServer ' + wsBase() + defaultPath + '.' });
+    return t;
+  }
+  const path = ws ? ws.path : defaultPath;
   try {
     const q = new URLSearchParams({ path, region: twr || '' });
     const r = await fetch('/diag/api/route?' + q, { cache: 'no-store' });
     const route = await r.json();
     if (!route.ok) {
-      t.mismatch = true;
+      t.badPath = true;
       addCheck({ id: 'token-region', name: 'Token region matches the gateway', status: 'fail', detail: 'wsServer path ' + path + ': ' + route.error,
         fix: 'Use one of the relay\'s paths for wsServer, e.g. ' + wsBase() + (info ? info.routes[0].path : '/signaling') + '.' });
     } else {
@@ -363,6 +374,8 @@ function findings(t) {
   if (t && t.expired) out.push(['problem', 'Expired token: the token was no longer valid.']);
   if (t && t.notYet) out.push(['problem', 'Token not yet valid: the token server\'s clock is ahead.']);
   if (t && t.mismatch) out.push(['problem', 'Region mismatch: the token\'s region differs from the gateway it would be sent to.']);
+  if (t && t.badPath) out.push(['problem', 'Wrong wsServer path: the relay has no route for the path the app uses.']);
+  if (t && t.notRelay) out.push(['problem', 'Not using the relay: the app\'s wsServer points somewhere else.']);
   if (checks.some((c) => c.id === 'clock' && c.status === 'warn')) out.push(['note', 'This computer\'s clock is off.']);
   const direct = checks.filter((c) => c.id === 'direct');
   if (direct.some((c) => c.status === 'fail')) {
@@ -400,6 +413,8 @@ async function runAll() {
   $('#state').textContent = 'Running…';
   checks = [];
   connIds = [];
+  info = null;
+  skewMs = 0;
   render();
   $('#findings').hidden = true;
   $('#report-section').hidden = true;
