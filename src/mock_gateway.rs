@@ -94,6 +94,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
     let _ = tcp.set_nodelay(true);
     let Ok(tls) = acceptor.accept(tcp).await else { return };
     let host = tls.get_ref().1.server_name().map(str::to_string);
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let mut seen = Seen::default();
     let callback = |req: &Request, resp: Response| {
         let h = |name: &str| req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -145,6 +146,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
             events.emit(json!({
                 "event": "connection",
                 "host": host,
+                "resumed": resumed,
                 "peer": peer.to_string(),
                 "path": seen.path,
                 "first_type": parsed.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use thiserror::Error;
 
 use crate::config::{is_dev_cert_path, Config};
@@ -190,7 +190,7 @@ impl rustls::server::ResolvesServerCert for CertStore {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let set = self.current.load();
         if let Some(sni) = hello.server_name() {
-            if let Ok(name) = rustls_pki_types::ServerName::try_from(sni) {
+            if let Ok(name) = ServerName::try_from(sni) {
                 for ck in &set.extra {
                     let valid = ck.end_entity_cert().ok().and_then(|der| webpki::EndEntityCert::try_from(der).ok())
                         .is_some_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok());
@@ -217,7 +217,63 @@ pub fn client_config(config: &Config) -> Result<Arc<ClientConfig>, TlsError> {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.resumption = rustls::client::Resumption::store(Arc::new(TicketStore::default()));
     Ok(Arc::new(tls))
+}
+
+/// TLS 1.3 tickets kept per gateway host name.
+const TICKETS_PER_GATEWAY: usize = 64;
+
+/// The gateway-side session store: rustls's in-memory one, with room for more TLS 1.3 tickets
+/// per gateway. rustls keeps 8 per server; a burst of connections to one gateway (a meeting
+/// starting, a reconnect wave) uses them up and the rest pay a full handshake, certificate
+/// verification included. Bounded: one queue per configured gateway host.
+#[derive(Debug)]
+struct TicketStore {
+    other: rustls::client::ClientSessionMemoryCache,
+    tls13: std::sync::Mutex<std::collections::HashMap<ServerName<'static>, std::collections::VecDeque<rustls::client::Tls13ClientSessionValue>>>,
+}
+
+impl Default for TicketStore {
+    fn default() -> TicketStore {
+        TicketStore { other: rustls::client::ClientSessionMemoryCache::new(256), tls13: Default::default() }
+    }
+}
+
+impl rustls::client::ClientSessionStore for TicketStore {
+    fn set_kx_hint(&self, server_name: ServerName<'static>, group: rustls::NamedGroup) {
+        self.other.set_kx_hint(server_name, group)
+    }
+
+    fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.other.kx_hint(server_name)
+    }
+
+    fn set_tls12_session(&self, server_name: ServerName<'static>, value: rustls::client::Tls12ClientSessionValue) {
+        self.other.set_tls12_session(server_name, value)
+    }
+
+    fn tls12_session(&self, server_name: &ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.other.tls12_session(server_name)
+    }
+
+    fn remove_tls12_session(&self, server_name: &ServerName<'static>) {
+        self.other.remove_tls12_session(server_name)
+    }
+
+    fn insert_tls13_ticket(&self, server_name: ServerName<'static>, value: rustls::client::Tls13ClientSessionValue) {
+        let mut all = self.tls13.lock().unwrap();
+        let tickets = all.entry(server_name).or_default();
+        if tickets.len() == TICKETS_PER_GATEWAY {
+            tickets.pop_front();
+        }
+        tickets.push_back(value);
+    }
+
+    fn take_tls13_ticket(&self, server_name: &ServerName<'static>) -> Option<rustls::client::Tls13ClientSessionValue> {
+        // The newest first: it is the least likely to have left the server's session cache.
+        self.tls13.lock().unwrap().get_mut(server_name)?.pop_back()
+    }
 }
 
 /// A client configuration that accepts any server certificate, for `sigrelay healthcheck`

@@ -561,3 +561,36 @@ async fn shutdown_closes_live_connections_with_1012_and_records_them() {
     assert_eq!(closes.len(), 3);
     assert_eq!(relay.app.registry.len(), 0);
 }
+
+/// A burst of connections to one gateway resumes TLS sessions instead of paying full
+/// handshakes: the relay keeps more tickets per gateway than rustls's 8.
+#[tokio::test]
+async fn a_burst_to_one_gateway_resumes_tls() {
+    let pki = Pki::new();
+    let mut gw = Gateway::start(&pki, Mode::Echo).await;
+    let relay = Relay::to_gateway(&pki, &gw, "").await;
+    let open = |i: usize| {
+        let (relay, pki) = (&relay, &pki);
+        async move {
+            let mut ws = relay.ws(pki, "/au1/signaling").await;
+            send_text(&mut ws, &format!("hello {i}")).await;
+            assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
+            ws
+        }
+    };
+    // One after another: each leaves the relay two tickets and takes at most one.
+    for i in 0..16 {
+        let mut ws = open(i).await;
+        ws.close(None).await.unwrap();
+        gw.event("connection").await;
+    }
+    let burst = futures_util::future::join_all((0..16).map(open)).await;
+    let mut resumed = 0;
+    for _ in 0..16 {
+        if gw.event("connection").await["resumed"] == true {
+            resumed += 1;
+        }
+    }
+    assert_eq!(resumed, 16, "every connection of the burst resumed");
+    drop(burst);
+}
