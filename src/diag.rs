@@ -31,7 +31,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use crate::diagnose::{probe_all, Probe};
-use crate::handshake::{refuse_request, switching_protocols, validate_upgrade, ConnContext, Refusal, LIMIT_REACHED};
+use crate::handshake::{refuse_request, request_record, switching_protocols, validate_upgrade, ConnContext, Refusal, LIMIT_REACHED};
 use crate::limits::Permit;
 use crate::outcome::{close_code, Outcome, Side};
 use crate::records::{millis, CloseRecord, HandshakeRecord};
@@ -221,13 +221,8 @@ pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Val
 fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: std::net::SocketAddr) -> Resp {
     let app = &conn.app;
     let started = Instant::now();
-    let mut record = HandshakeRecord::new(crate::handshake::new_conn_id(), client_addr, conn.sni.clone());
-    record.tls_ms = conn.tls_ms;
+    let mut record = request_record(&req, conn, client_addr);
     record.route = Some(ECHO_ROUTE.into());
-    record.path = Some(req.uri().path().to_string());
-    let text = |name| req.headers().get(name).map(|v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).chars().take(256).collect());
-    record.origin = text(header::ORIGIN);
-    record.user_agent = text(header::USER_AGENT);
     // No Origin allow-list here: the echo relays nothing, and the relay's own page must reach it
     // whatever origins the app is allowed.
     if let Err(refusal) = validate_upgrade(&req, &[]) {

@@ -62,6 +62,17 @@ fn header_text(headers: &HeaderMap, name: header::HeaderName) -> Option<String> 
     Some(String::from_utf8_lossy(v.as_bytes()).chars().take(MAX_RECORDED_HEADER).collect())
 }
 
+/// The handshake record of a request on the main listener, before anything is decided: a new
+/// connection id, the TLS time, and the path, Origin and User-Agent as received.
+pub(crate) fn request_record(req: &Request<Incoming>, conn: &ConnContext, client_addr: SocketAddr) -> HandshakeRecord {
+    let mut record = HandshakeRecord::new(new_conn_id(), client_addr, conn.sni.clone());
+    record.tls_ms = conn.tls_ms;
+    record.path = Some(req.uri().path().chars().take(MAX_RECORDED_HEADER).collect());
+    record.origin = header_text(req.headers(), header::ORIGIN);
+    record.user_agent = header_text(req.headers(), header::USER_AGENT);
+    record
+}
+
 fn has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
@@ -112,11 +123,7 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     if current.config.diag.enabled && crate::diag::owns(req.uri().path()) {
         return Ok(crate::diag::handle(req, &conn, current, client_addr).await);
     }
-    let mut record = HandshakeRecord::new(new_conn_id(), client_addr, conn.sni.clone());
-    record.tls_ms = conn.tls_ms;
-    record.path = Some(req.uri().path().chars().take(MAX_RECORDED_HEADER).collect());
-    record.origin = header_text(req.headers(), header::ORIGIN);
-    record.user_agent = header_text(req.headers(), header::USER_AGENT);
+    let mut record = request_record(&req, &conn, client_addr);
 
     let accepted = check(&req, &conn, &current, &mut record);
     let (route, path_region, query_region) = match accepted {
