@@ -89,13 +89,21 @@ impl PumpOptions<'_> {
 /// Payload of the relay's own pings.
 const PING_PAYLOAD: &[u8] = b"sigrelay";
 
+/// Bytes read from each side before the relay started, relayed first.
+#[derive(Debug, Default)]
+pub struct Initial {
+    pub client: Vec<u8>,
+    pub upstream: Vec<u8>,
+}
+
 /// Relays until both directions have ended, `shutdown` fires (then, after a random part of
 /// `drain_jitter`, both sides get 1012), `operator` fires (1001 "closed by operator"), or the
-/// connection idles out. `initial` holds browser bytes already read (the first message).
+/// connection idles out. `initial` holds bytes already read from each side: the browser's first
+/// message, and whatever the gateway sent right behind its 101.
 pub async fn relay<CR, CW, UR, UW>(
     client: (CR, CW),
     upstream: (UR, UW),
-    initial: Vec<u8>,
+    initial: Initial,
     opts: &PumpOptions<'_>,
     counters: &Counters,
     shutdown: &CancellationToken,
@@ -122,7 +130,7 @@ where
     let mut up = Direction::new(Side::Client, client.0, upstream.1, opts);
     let mut down = Direction::new(Side::Upstream, upstream.0, client.1, opts);
     let both = async {
-        tokio::join!(up.run_and_finish(initial, &shared), down.run_and_finish(Vec::new(), &shared));
+        tokio::join!(up.run_and_finish(initial.client, &shared), down.run_and_finish(initial.upstream, &shared));
     };
     let watch = async {
         let ending = tokio::select! {
@@ -603,7 +611,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let counters = Counters::default();
             let opts = PumpOptions::new(max, "C1");
-            let end = relay(split(relay_client), split(relay_up), initial, &opts, &counters, &sd, &CancellationToken::new()).await;
+            let end = relay(split(relay_client), split(relay_up), Initial { client: initial, upstream: Vec::new() }, &opts, &counters, &sd, &CancellationToken::new()).await;
             let c = [&counters.msgs_up, &counters.msgs_down, &counters.bytes_up, &counters.bytes_down]
                 .map(|a| a.load(Ordering::Relaxed));
             (end, c)

@@ -241,7 +241,7 @@ async fn relay(
     let end = pump::relay(
         tokio::io::split(client),
         tokio::io::split(upstream.io),
-        first.bytes,
+        pump::Initial { client: first.bytes, upstream: upstream.leftover },
         &opts,
         &counters,
         &app.shutdown.close,

@@ -102,6 +102,9 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
         .with_cert_resolver(store);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     tls.ignore_client_order = true;
+    // A browser spends one ticket per resumed connection, so one replaces it; rustls's default
+    // of two costs a second ticket's encryption and cache entry on every handshake.
+    tls.send_tls13_tickets = 1;
     Ok(Arc::new(tls))
 }
 

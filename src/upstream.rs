@@ -7,13 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
-use http_body_util::Empty;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use http::header::HeaderValue;
 use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
@@ -97,7 +95,11 @@ pub struct ForwardHeaders {
 
 /// A relayed gateway connection, after its 101.
 pub struct Connected {
-    pub io: TokioIo<Upgraded>,
+    /// Boxed: a TLS stream is large, and inline it would be copied into several states of every
+    /// connection task's future, costing kilobytes per idle connection.
+    pub io: Box<TlsStream<TcpStream>>,
+    /// What the gateway sent after its 101, not yet relayed.
+    pub leftover: Vec<u8>,
     pub addr: SocketAddr,
     pub status: u16,
 }
@@ -178,18 +180,24 @@ impl Connector {
 
         *phase = Phase::Tls;
         let t = Instant::now();
-        let tls = self
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        let request = upgrade_request(target, headers, &key);
+        // Queued before the handshake, the request leaves in the same write as the client's
+        // Finished: one segment and one wake-up fewer per connection.
+        let mut io = self
             .tls
-            .connect(target.server_name.clone(), tcp)
+            .connect_with(target.server_name.clone(), tcp, |conn| {
+                let _ = std::io::Write::write_all(&mut conn.writer(), &request);
+            })
             .await
             .map_err(|e| UpstreamError::Tls(e.to_string()))?;
         timings.tls = Some(t.elapsed());
 
         *phase = Phase::WebSocket;
         let t = Instant::now();
-        let (io, status) = upgrade(TokioIo::new(tls), target, headers).await?;
+        let (status, leftover) = read_upgrade_answer(&mut io, &key).await?;
         timings.websocket = Some(t.elapsed());
-        Ok(Connected { io, addr, status })
+        Ok(Connected { io: Box::new(io), leftover, addr, status })
     }
 
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
@@ -269,76 +277,79 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Up
 /// How long one of several gateway addresses gets to accept before the next is tried.
 const PER_ADDRESS: Duration = Duration::from_secs(1);
 
-/// Sends the upgrade request as an HTTP/1.1 client and checks the 101. hyper keeps any bytes the
-/// gateway sent after its response inside the returned stream.
-async fn upgrade<T>(
-    io: TokioIo<T>,
-    target: &UpstreamTarget,
-    headers: &ForwardHeaders,
-) -> Result<(TokioIo<Upgraded>, u16), UpstreamError>
-where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let protocol = |e: hyper::Error| UpstreamError::Protocol(e.to_string());
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(protocol)?;
-    let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+/// The upgrade request, sent with the TLS handshake's last flight.
+fn upgrade_request(target: &UpstreamTarget, headers: &ForwardHeaders, key: &str) -> Vec<u8> {
+    let mut req = Vec::with_capacity(512);
     let host = if target.port == 443 { target.host.clone() } else { format!("{}:{}", target.host, target.port) };
-    let mut req = http::Request::get(target.path_and_query.as_str())
-        .header(header::HOST, host)
-        .header(header::UPGRADE, "websocket")
-        .header(header::CONNECTION, "Upgrade")
-        .header(header::SEC_WEBSOCKET_KEY, key.as_str())
-        .header(header::SEC_WEBSOCKET_VERSION, "13");
+    req.extend_from_slice(format!("GET {} HTTP/1.1\r\nHost: {host}\r\n", target.path_and_query).as_bytes());
+    req.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n");
+    req.extend_from_slice(format!("Sec-WebSocket-Key: {key}\r\n").as_bytes());
     for (name, value) in [
-        (header::USER_AGENT, &headers.user_agent),
-        (header::ORIGIN, &headers.origin),
-        (header::HeaderName::from_static("x-forwarded-for"), &headers.forwarded_for),
+        ("User-Agent", &headers.user_agent),
+        ("Origin", &headers.origin),
+        ("X-Forwarded-For", &headers.forwarded_for),
     ] {
+        // A HeaderValue holds no CR or LF, so it cannot end the header early.
         if let Some(v) = value {
-            req = req.header(name, v);
+            req.extend_from_slice(name.as_bytes());
+            req.extend_from_slice(b": ");
+            req.extend_from_slice(v.as_bytes());
+            req.extend_from_slice(b"\r\n");
         }
     }
-    let req = req.body(Empty::<bytes::Bytes>::new()).map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+    req.extend_from_slice(b"\r\n");
+    req
+}
 
-    let conn = conn.with_upgrades();
-    tokio::pin!(conn);
-    let send = sender.send_request(req);
-    tokio::pin!(send);
-    // On a 101 the connection future finishes (handing its IO to the upgrade) in the same wake
-    // as the response arrives, so its finishing first is not an early close.
-    let mut conn_done = false;
-    let resp = loop {
-        tokio::select! {
-            biased;
-            r = &mut send => break r.map_err(protocol)?,
-            r = &mut conn, if !conn_done => {
-                r.map_err(protocol)?;
-                conn_done = true;
+/// The longest upgrade answer head accepted from a gateway.
+const MAX_ANSWER_HEAD: usize = 16 * 1024;
+
+/// Reads the gateway's answer to the upgrade request (already sent) and checks the 101. Returns
+/// any bytes the gateway sent after the answer's head: they are its first frames.
+async fn read_upgrade_answer<T>(io: &mut T, key: &str) -> Result<(u16, Vec<u8>), UpstreamError>
+where
+    T: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let (head_len, status, upgrade_ok, accept_ok, extensions) = loop {
+        let mut fields = [httparse::EMPTY_HEADER; 32];
+        let mut answer = httparse::Response::new(&mut fields);
+        match answer.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => {
+                let header = |name: &str| answer.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+                let is = |name: &str, want: &str| header(name).is_some_and(|v| v.eq_ignore_ascii_case(want.as_bytes()));
+                break (
+                    n,
+                    answer.code.unwrap_or(0),
+                    is("upgrade", "websocket"),
+                    is("sec-websocket-accept", &derive_accept_key(key.as_bytes())),
+                    header("sec-websocket-extensions").is_some(),
+                );
             }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err(UpstreamError::Protocol("answer head too long".into())),
+            Err(e) => return Err(UpstreamError::Protocol(format!("unparseable answer: {e}"))),
+        }
+        buf.reserve(1024);
+        let n = io.read_buf(&mut buf).await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
+        if n == 0 {
+            return Err(UpstreamError::Protocol("connection closed before the upgrade was answered".into()));
         }
     };
-    let status = resp.status().as_u16();
     if status != 101 {
         return Err(UpstreamError::Rejected { status });
     }
-    let h = resp.headers();
-    let is = |name: header::HeaderName, want: &str| {
-        h.get(name).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case(want))
-    };
-    if !is(header::UPGRADE, "websocket") {
+    if !upgrade_ok {
         return Err(UpstreamError::Protocol("101 without Upgrade: websocket".into()));
     }
-    if !is(header::SEC_WEBSOCKET_ACCEPT, &derive_accept_key(key.as_bytes())) {
+    if !accept_ok {
         return Err(UpstreamError::Protocol("wrong Sec-WebSocket-Accept".into()));
     }
-    if h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS) {
+    if extensions {
         return Err(UpstreamError::Protocol("gateway chose an extension that was not offered".into()));
     }
-    let upgraded = if conn_done {
-        hyper::upgrade::on(resp).await
-    } else {
-        tokio::join!(hyper::upgrade::on(resp), conn).0
-    };
-    let upgraded = upgraded.map_err(protocol)?;
-    Ok((TokioIo::new(upgraded), status))
+    buf.drain(..head_len);
+    buf.shrink_to_fit();
+    Ok((status, buf))
 }

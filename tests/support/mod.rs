@@ -355,6 +355,8 @@ pub enum Fault {
     TlsUpgradeThenSilent(Arc<rustls::ServerConfig>),
     /// Finishes TLS, accepts the upgrade, sends half of a frame, then resets the connection.
     TlsUpgradeThenPartialFrameAndReset(Arc<rustls::ServerConfig>),
+    /// Finishes TLS and sends its 101 and a text frame, "greeting", in one write; then holds.
+    TlsUpgradeThenGreet(Arc<rustls::ServerConfig>),
 }
 
 /// Starts a fault gateway; returns its address.
@@ -371,8 +373,11 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                     let bytes = *bytes;
                     tokio::spawn(async move { respond_after_head(tcp, bytes).await });
                 }
-                Fault::TlsUpgradeThenSilent(cfg) | Fault::TlsUpgradeThenPartialFrameAndReset(cfg) => {
+                Fault::TlsUpgradeThenSilent(cfg)
+                | Fault::TlsUpgradeThenPartialFrameAndReset(cfg)
+                | Fault::TlsUpgradeThenGreet(cfg) => {
                     let partial = matches!(&*fault, Fault::TlsUpgradeThenPartialFrameAndReset(_));
+                    let greet = matches!(&*fault, Fault::TlsUpgradeThenGreet(_));
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
                     tokio::spawn(async move {
                         let Ok(mut tls) = acceptor.accept(tcp).await else { return };
@@ -392,8 +397,12 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                             .trim()
                             .to_string();
                         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                        let resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
-                        let _ = tls.write_all(resp.as_bytes()).await;
+                        let mut resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+                        if greet {
+                            resp.extend_from_slice(&[0x81, 8]);
+                            resp.extend_from_slice(b"greeting");
+                        }
+                        let _ = tls.write_all(&resp).await;
                         if partial {
                             // A 100-byte text frame, cut after 10 bytes of payload.
                             let mut frame = vec![0x81, 100];
