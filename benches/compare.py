@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: direct, nginx, HAProxy and sigrelay in front of the same TLS echo
-upstream (sigrelay mock-gateway --mode echo), driven by `sigrelay loadtest`, loopback only.
+upstream (sigrelay mock-gateway --mode echo), driven by `sigrelay loadtest`, loopback only;
+two more nginx configurations (see NGINX_VARIANTS) run the handshake scenario.
 
 Every scenario runs against every target in alternating order over several rounds; each proxy's
 RSS and CPU are sampled from /proc. Writes results.jsonl, results.md (medians and ratios to
@@ -305,8 +306,7 @@ def markdown(rows, med, meta):
 
 def svg(med, path):
     """Two bar groups: echo p50/p99 latency and RSS per idle connection, one bar per target."""
-    colors = {"direct": "#999999", "nginx": "#2b8a3e", "nginx-tls13": "#69db7c", "nginx-tls12": "#0b5e1f",
-              "haproxy": "#1c7ed6", "sigrelay": "#e8590c"}
+    colors = {"direct": "#999999", "nginx": "#2b8a3e", "haproxy": "#1c7ed6", "sigrelay": "#e8590c"}
     panels = [("echo latency at 20k msg/s (µs)", [("p50", ("echo", "p50_us")), ("p99", ("echo", "p99_us"))]),
               ("RSS per idle connection (KiB)", [("KiB", ("idle", "rss_per_conn_kib"))])]
     shown = [t for t in TARGETS if any(med.get((s, k, t)) for _, g in panels for _, (s, k) in g)]

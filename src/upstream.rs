@@ -184,20 +184,23 @@ impl Connector {
         let request = upgrade_request(target, headers, &key);
         // Queued before the handshake, the request leaves in the same write as the client's
         // Finished: one segment and one wake-up fewer per connection.
+        let mut queued = Ok(());
         let mut io = self
             .tls
             .connect_with(target.server_name.clone(), tcp, |conn| {
-                let _ = std::io::Write::write_all(&mut conn.writer(), &request);
+                queued = std::io::Write::write_all(&mut conn.writer(), &request);
             })
             .await
             .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+        // Only a request past rustls's 64 KiB plaintext buffer could fail to queue.
+        queued.map_err(|e| UpstreamError::Protocol(format!("upgrade request not sent: {e}")))?;
         timings.tls = Some(t.elapsed());
 
         *phase = Phase::WebSocket;
         let t = Instant::now();
-        let (status, leftover) = read_upgrade_answer(&mut io, &key).await?;
+        let leftover = read_upgrade_answer(&mut io, &key).await?;
         timings.websocket = Some(t.elapsed());
-        Ok(Connected { io: Box::new(io), leftover, addr, status })
+        Ok(Connected { io: Box::new(io), leftover, addr, status: 101 })
     }
 
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {
@@ -279,11 +282,16 @@ const PER_ADDRESS: Duration = Duration::from_secs(1);
 
 /// The upgrade request, sent with the TLS handshake's last flight.
 fn upgrade_request(target: &UpstreamTarget, headers: &ForwardHeaders, key: &str) -> Vec<u8> {
+    use std::io::Write;
     let mut req = Vec::with_capacity(512);
-    let host = if target.port == 443 { target.host.clone() } else { format!("{}:{}", target.host, target.port) };
-    req.extend_from_slice(format!("GET {} HTTP/1.1\r\nHost: {host}\r\n", target.path_and_query).as_bytes());
-    req.extend_from_slice(b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n");
-    req.extend_from_slice(format!("Sec-WebSocket-Key: {key}\r\n").as_bytes());
+    let _ = write!(req, "GET {} HTTP/1.1\r\nHost: {}", target.path_and_query, target.host);
+    if target.port != 443 {
+        let _ = write!(req, ":{}", target.port);
+    }
+    let _ = write!(
+        req,
+        "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n"
+    );
     for (name, value) in [
         ("User-Agent", &headers.user_agent),
         ("Origin", &headers.origin),
@@ -306,50 +314,46 @@ const MAX_ANSWER_HEAD: usize = 16 * 1024;
 
 /// Reads the gateway's answer to the upgrade request (already sent) and checks the 101. Returns
 /// any bytes the gateway sent after the answer's head: they are its first frames.
-async fn read_upgrade_answer<T>(io: &mut T, key: &str) -> Result<(u16, Vec<u8>), UpstreamError>
+async fn read_upgrade_answer<T>(io: &mut T, key: &str) -> Result<Vec<u8>, UpstreamError>
 where
     T: tokio::io::AsyncRead + Unpin,
 {
     use tokio::io::AsyncReadExt;
+    let protocol = |why: &str| Err(UpstreamError::Protocol(why.into()));
     let mut buf = Vec::with_capacity(1024);
-    let (head_len, status, upgrade_ok, accept_ok, extensions) = loop {
+    let head_len = loop {
         let mut fields = [httparse::EMPTY_HEADER; 32];
         let mut answer = httparse::Response::new(&mut fields);
         match answer.parse(&buf) {
             Ok(httparse::Status::Complete(n)) => {
                 let header = |name: &str| answer.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
                 let is = |name: &str, want: &str| header(name).is_some_and(|v| v.eq_ignore_ascii_case(want.as_bytes()));
-                break (
-                    n,
-                    answer.code.unwrap_or(0),
-                    is("upgrade", "websocket"),
-                    is("sec-websocket-accept", &derive_accept_key(key.as_bytes())),
-                    header("sec-websocket-extensions").is_some(),
-                );
+                match answer.code.unwrap_or(0) {
+                    101 => {}
+                    status => return Err(UpstreamError::Rejected { status }),
+                }
+                if !is("upgrade", "websocket") {
+                    return protocol("101 without Upgrade: websocket");
+                }
+                if !is("sec-websocket-accept", &derive_accept_key(key.as_bytes())) {
+                    return protocol("wrong Sec-WebSocket-Accept");
+                }
+                if header("sec-websocket-extensions").is_some() {
+                    return protocol("gateway chose an extension that was not offered");
+                }
+                break n;
             }
             Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_HEAD => {}
-            Ok(httparse::Status::Partial) => return Err(UpstreamError::Protocol("answer head too long".into())),
-            Err(e) => return Err(UpstreamError::Protocol(format!("unparseable answer: {e}"))),
+            Ok(httparse::Status::Partial) => return protocol("answer head too long"),
+            Err(e) => return protocol(&format!("unparseable answer: {e}")),
         }
         buf.reserve(1024);
         let n = io.read_buf(&mut buf).await.map_err(|e| UpstreamError::Protocol(e.to_string()))?;
         if n == 0 {
-            return Err(UpstreamError::Protocol("connection closed before the upgrade was answered".into()));
+            return protocol("connection closed before the upgrade was answered");
         }
     };
-    if status != 101 {
-        return Err(UpstreamError::Rejected { status });
-    }
-    if !upgrade_ok {
-        return Err(UpstreamError::Protocol("101 without Upgrade: websocket".into()));
-    }
-    if !accept_ok {
-        return Err(UpstreamError::Protocol("wrong Sec-WebSocket-Accept".into()));
-    }
-    if extensions {
-        return Err(UpstreamError::Protocol("gateway chose an extension that was not offered".into()));
-    }
     buf.drain(..head_len);
     buf.shrink_to_fit();
-    Ok((status, buf))
+    Ok(buf)
 }
