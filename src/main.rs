@@ -392,7 +392,7 @@ fn mock_gateway(args: MockArgs) -> anyhow::Result<()> {
             (certs, key)
         }
     };
-    let tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+    let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
@@ -450,12 +450,7 @@ fn loadtest(args: LoadtestArgs) -> anyhow::Result<bool> {
                 roots.add(cert)?;
             }
         }
-        std::sync::Arc::new(
-            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()?
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
-        )
+        tls::client_config_with_roots(roots)?
     };
     let plan = Plan {
         url: args.url,

@@ -32,8 +32,10 @@ fn file_error(key: &'static str, path: &Path, why: impl ToString) -> TlsError {
 /// per handshake than the SHA-384 of AES-256-GCM, which rustls otherwise puts first. Every suite
 /// is AEAD with forward secrecy, as Mozilla's intermediate profile asks. Key exchange: X25519,
 /// P-256, P-384 (no post-quantum hybrid yet: it would add an ML-KEM key to every gateway
-/// connection).
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+/// connection). Everything sigrelay speaks TLS with uses it: the listener, the gateway hop,
+/// and the mock gateway and load-test client, so a benchmark's harness costs what a browser and
+/// a gateway would, not more.
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::aws_lc_rs::{self as aws_lc, kx_group};
     use rustls::crypto::ring::{self, cipher_suite::*};
     Arc::new(rustls::crypto::CryptoProvider {
@@ -215,6 +217,12 @@ pub fn client_config(config: &Config) -> Result<Arc<ClientConfig>, TlsError> {
             roots.add(cert).map_err(|e| file_error("upstream.ca_file", ca, e))?;
         }
     }
+    client_config_with_roots(roots)
+}
+
+/// A verifying client configuration for `roots`: TLS 1.3 and 1.2, ALPN `http/1.1`, and room
+/// for 64 TLS 1.3 tickets per server so bursts of connections resume.
+pub fn client_config_with_roots(roots: RootCertStore) -> Result<Arc<ClientConfig>, TlsError> {
     let mut tls = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_root_certificates(roots)
