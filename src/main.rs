@@ -258,7 +258,8 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 
 fn run(args: RunArgs) -> ExitCode {
     init_logging(&args);
-    let result = tokio::runtime::Builder::new_multi_thread()
+    // One thread of `server.threads`; the library starts the others, each with its own runtime.
+    let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")

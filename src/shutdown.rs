@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::listener::Acceptors;
 use crate::App;
 
 /// How long relayed connections get to finish their close handshakes after the 1012.
@@ -21,9 +21,9 @@ pub struct Signals {
 }
 
 /// Runs the shutdown sequence; returns when every connection task has ended (or the grace ran out).
-pub async fn drain(app: &App, accepting: JoinHandle<()>) {
+pub async fn drain(app: &App, accepting: &mut Acceptors) {
     app.shutdown.drain.cancel();
-    let _ = accepting.await;
+    accepting.stopped().await;
     app.tracker.close();
     let live = app.registry.len();
     if live > 0 {

@@ -1,0 +1,51 @@
+//! `server.threads`: every thread accepts from the same socket and serves what it accepted to
+//! the end, drain included, and the threads end with the relay. Alone in its test binary, so
+//! the threads it counts are this relay's.
+
+mod support;
+
+use sigrelay::mock_gateway::Mode;
+use support::*;
+
+/// The relay's extra threads (named `sigrelay-<n>`) alive in this process.
+fn relay_threads() -> usize {
+    let names = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok());
+    names.filter(|n| n.trim_end().strip_prefix("sigrelay-").is_some_and(|i| i.parse::<u32>().is_ok())).count()
+}
+
+#[tokio::test]
+async fn every_thread_serves_and_drains_its_connections() {
+    const N: usize = 12;
+    let pki = Pki::new();
+    let mut gw = Gateway::start(&pki, Mode::Echo).await;
+    let mut relay = Relay::to_gateway(&pki, &gw, "threads = 4\ndrain_timeout = \"200ms\"\ndrain_jitter = \"100ms\"").await;
+    assert_eq!(relay_threads(), 3, "three threads beside the caller's");
+    let mut sockets = Vec::new();
+    for i in 0..N {
+        let mut ws = relay.ws(&pki, "/au1/signaling").await;
+        send_text(&mut ws, &format!("hello {i}")).await;
+        assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
+        sockets.push(ws);
+    }
+    relay.stop().await;
+    for ws in &mut sockets {
+        assert_eq!(read_close(ws).await.map(|f| u16::from(f.code)), Some(1012));
+    }
+    for _ in 0..N {
+        assert_eq!(gw.event("close").await["code"], 1012);
+    }
+    assert_eq!(relay.written_closes().len(), N, "one close record per connection");
+    assert_eq!(relay_threads(), 0, "the extra threads end with the relay");
+}
+
+#[test]
+fn threads_must_be_a_sensible_count() {
+    for bad in ["0", "-1", "5000"] {
+        let err = sigrelay::config::Config::parse(&format!("[server]\nthreads = {bad}\n"), "t.toml").unwrap_err().to_string();
+        assert!(err.contains("server.threads") && err.contains("outside 1..=1024"), "{bad}: {err}");
+    }
+    let ok = sigrelay::config::Config::parse("[server]\nthreads = 3\n", "t.toml").unwrap();
+    assert_eq!(ok.server.threads, 3);
+}
