@@ -36,30 +36,49 @@ pub struct Acceptors {
 impl Acceptors {
     /// Starts the loops; they stop accepting when shutdown's drain stage starts.
     pub fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
-        let listener = listener.into_std()?;
         let (mut stopped, mut handles) = (Vec::new(), Vec::new());
         for i in 1..threads.max(1) {
-            let shared = listener.try_clone()?;
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let (done, rx) = tokio::sync::oneshot::channel();
-            let app = app.clone();
-            let thread = std::thread::Builder::new().name(format!("sigrelay-{i}")).spawn(move || {
-                runtime.block_on(async move {
-                    match TcpListener::from_std(shared) {
-                        Ok(listener) => accept_loop(listener, app.clone()).await,
-                        Err(e) => tracing::error!(error = %e, thread = i, "cannot accept on this thread"),
-                    }
-                    let _ = done.send(());
-                    // Run this thread's connections to their end; the tracker empties once
-                    // shutdown has closed it and every connection, on any thread, is gone.
-                    app.tracker.wait().await;
-                })
-            })?;
-            stopped.push(rx);
-            handles.push(thread);
+            match Acceptors::start_thread(&listener, &app, i) {
+                Ok((rx, thread)) => {
+                    stopped.push(rx);
+                    handles.push(thread);
+                }
+                Err(e) => {
+                    // Threads already started stop accepting and end.
+                    app.shutdown.drain.cancel();
+                    app.tracker.close();
+                    return Err(e);
+                }
+            }
         }
-        let main = app.tracker.spawn(accept_loop(TcpListener::from_std(listener)?, app.clone()));
+        let main = app.tracker.spawn(accept_loop(listener, app.clone()));
         Ok(Acceptors { main, stopped, threads: handles })
+    }
+
+    /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Returns what
+    /// signals that it stopped accepting, and the thread.
+    fn start_thread(
+        listener: &TcpListener,
+        app: &Arc<App>,
+        i: usize,
+    ) -> std::io::Result<(tokio::sync::oneshot::Receiver<()>, std::thread::JoinHandle<()>)> {
+        let shared = std::net::TcpListener::from(socket2::SockRef::from(listener).try_clone()?);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        let app = app.clone();
+        let thread = std::thread::Builder::new().name(format!("sigrelay-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(shared) {
+                    Ok(listener) => accept_loop(listener, app.clone()).await,
+                    Err(e) => tracing::error!(error = %e, thread = i, "cannot accept on this thread"),
+                }
+                let _ = done.send(());
+                // Run this thread's connections to their end; the tracker empties once
+                // shutdown has closed it and every connection, on any thread, is gone.
+                app.tracker.wait().await;
+            })
+        })?;
+        Ok((stopped, thread))
     }
 
     /// Waits until every loop has stopped accepting.

@@ -91,6 +91,8 @@ struct Seen {
     authorization: bool,
 }
 
+// tungstenite's header callback returns its own (large) error response type.
+#[allow(clippy::result_large_err)]
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mode: Mode, events: Events) {
     let _ = tcp.set_nodelay(true);
     let Ok(tls) = acceptor.accept(tcp).await else { return };
