@@ -31,28 +31,33 @@ pub struct Acceptors {
     /// Each extra thread signals when its accept loop has returned.
     stopped: Vec<tokio::sync::oneshot::Receiver<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    _stop: StopOnDrop,
+}
+
+/// Stops every thread accepting, and lets each end once its connections have, if the
+/// acceptors are dropped before shutdown ran (a start that failed half-way, or a `serve`
+/// future dropped); after shutdown it does nothing new.
+struct StopOnDrop(Arc<App>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.shutdown.drain.cancel();
+        self.0.tracker.close();
+    }
 }
 
 impl Acceptors {
     /// Starts the loops; they stop accepting when shutdown's drain stage starts.
     pub fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
+        let stop = StopOnDrop(app.clone());
         let (mut stopped, mut handles) = (Vec::new(), Vec::new());
         for i in 1..threads.max(1) {
-            match Acceptors::start_thread(&listener, &app, i) {
-                Ok((rx, thread)) => {
-                    stopped.push(rx);
-                    handles.push(thread);
-                }
-                Err(e) => {
-                    // Threads already started stop accepting and end.
-                    app.shutdown.drain.cancel();
-                    app.tracker.close();
-                    return Err(e);
-                }
-            }
+            let (rx, thread) = Acceptors::start_thread(&listener, &app, i)?;
+            stopped.push(rx);
+            handles.push(thread);
         }
         let main = app.tracker.spawn(accept_loop(listener, app.clone()));
-        Ok(Acceptors { main, stopped, threads: handles })
+        Ok(Acceptors { main, stopped, threads: handles, _stop: stop })
     }
 
     /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Returns what
@@ -91,8 +96,8 @@ impl Acceptors {
 
     /// Waits (briefly: a connection stuck past the forced close must not hold up the exit) for
     /// the extra threads to finish their connections and end.
-    pub async fn join(self) {
-        let threads = self.threads;
+    pub async fn join(mut self) {
+        let threads = std::mem::take(&mut self.threads);
         let joined = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())));
         let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
     }

@@ -38,6 +38,26 @@ async fn every_thread_serves_and_drains_its_connections() {
     }
     assert_eq!(relay.written_closes().len(), N, "one close record per connection");
     assert_eq!(relay_threads(), 0, "the extra threads end with the relay");
+
+    // A serve future dropped without a shutdown (its task aborted) must not leave threads
+    // accepting on the socket behind it.
+    let text = format!("[server]\ncert = {:?}\nkey = {:?}\nthreads = 3\n[admin]\nlisten = \"off\"\n", pki.relay_cert, pki.relay_key);
+    let config = sigrelay::Config::parse(&text, "t.toml").unwrap();
+    let app = sigrelay::App::new(config, sigrelay::Records::channel().0).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let serving = tokio::spawn(sigrelay::serve(app, listener, std::future::pending()));
+    while relay_threads() < 2 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    serving.abort();
+    let _ = serving.await;
+    for _ in 0..300 {
+        if relay_threads() == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{} extra threads still running after serve was dropped", relay_threads());
 }
 
 #[test]
