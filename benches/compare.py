@@ -277,10 +277,21 @@ def medians(rows):
     return out
 
 
+def paired(rows, scen, key):
+    """sigrelay / nginx within each round: the two ran minutes apart, so these show how much of
+    a difference is the machine drifting between rounds."""
+    ratios = []
+    for rnd in sorted({r["round"] for r in rows}):
+        v = {r["target"]: r.get(key) for r in rows if r["scenario"] == scen and r["round"] == rnd}
+        if v.get("sigrelay") and v.get("nginx"):
+            ratios.append(f"{v['sigrelay'] / v['nginx']:.2f}")
+    return " / ".join(ratios) or "–"
+
+
 def markdown(rows, med, meta):
     lines = [f"Run: {meta}", "",
-             "| figure | " + " | ".join(TARGETS) + " | sigrelay / nginx |",
-             "|---|" + "---|" * (len(TARGETS) + 1)]
+             "| figure | " + " | ".join(TARGETS) + " | sigrelay / nginx | per round |",
+             "|---|" + "---|" * (len(TARGETS) + 2)]
     for scen, key, label, better in FIGURES:
         cells = []
         for t in TARGETS:
@@ -288,7 +299,7 @@ def markdown(rows, med, meta):
             cells.append("–" if v is None else (f"{v:,.0f}" if v >= 100 else f"{v:,.2f}"))
         s, n = med.get((scen, key, "sigrelay")), med.get((scen, key, "nginx"))
         ratio = "–" if not s or not n else f"{s / n:.2f}× ({better} is better)"
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} | {paired(rows, scen, key)} |")
     lines += ["", "Handshake figures against the nginx variants (sigrelay / variant):"]
     for variant in sorted(CHURN_ONLY):
         ratios = []
@@ -343,7 +354,13 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a few minutes: fewer connections, shorter runs, one round")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
+    ap.add_argument("--render", metavar="JSONL", help="only rewrite results.md and the plot from a results.jsonl")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        meta = open(os.path.join(os.path.dirname(args.render), "results.md")).readline().removeprefix("Run: ").strip()
+        return write_results(rows, meta, args.out)
     cfg = ({"idle": 2000, "duration": "5s", "rate": 20000, "rounds": 1} if args.quick
            else {"idle": 9800, "duration": "15s", "rate": 20000, "rounds": 3})
     rounds = args.rounds or cfg["rounds"]
@@ -376,15 +393,20 @@ def main():
                 stop_targets(targets)
     finally:
         upstream.terminate()
-    with open(os.path.join(args.out, "results.jsonl"), "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-    med = medians(rows)
     meta = (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {'quick' if args.quick else 'full'} mode, "
             f"{rounds} round(s), medians; nginx {subprocess.run(['nginx', '-v'], capture_output=True, text=True).stderr.strip()}")
+    write_results(rows, meta, args.out)
+
+
+def write_results(rows, meta, out):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    med = medians(rows)
     md = markdown(rows, med, meta)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
-    svg(med, os.path.join(args.out, "results.svg"))
+    svg(med, os.path.join(out, "results.svg"))
     print(md)
 
 
