@@ -77,6 +77,8 @@ pub struct App {
     pub diag: diag::Diag,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
+    /// Set once every thread is accepting.
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 /// Why the relay could not start.
@@ -104,7 +106,9 @@ impl App {
         let client_tls = tls::client_config(&config)?;
         // Each relayed connection holds two descriptors.
         let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
-        let derived_max = (nofile.saturating_sub(FD_RESERVE) / 2).max(1) as usize;
+        // Each extra thread holds its own epoll, waker and copy of the listening socket.
+        let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
+        let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
         Ok(Arc::new(App {
             connector: upstream::Connector::new(&config, client_tls),
             records,
@@ -117,6 +121,7 @@ impl App {
             limiter: limits::Limiter::new(config.limits.clone(), derived_max),
             diag: diag::Diag::default(),
             admin_addr: OnceLock::new(),
+            accepting: Default::default(),
             current: ArcSwap::from_pointee(Current { router: routing::Router::new(&config), config }),
         }))
     }
@@ -156,9 +161,9 @@ impl App {
         Ok(())
     }
 
-    /// Whether `/readyz` says ready: not draining.
+    /// Whether `/readyz` says ready: every thread accepting, and not draining.
     pub fn ready(&self) -> bool {
-        !self.shutdown.drain.is_cancelled()
+        self.accepting.load(std::sync::atomic::Ordering::Acquire) && !self.shutdown.drain.is_cancelled()
     }
 }
 
@@ -185,13 +190,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
     let threads = current.config.server.threads;
-    let mut accepting = match listener::Acceptors::start(listener, app.clone(), threads) {
+    let mut accepting = match listener::Acceptors::start(listener, app.clone(), threads).await {
         Ok(a) => a,
         Err(e) => {
             background.cancel();
             return Err(StartError::Threads(e));
         }
     };
+    app.accepting.store(true, std::sync::atomic::Ordering::Release);
     shutdown.await;
     shutdown::drain(&app, &mut accepting).await;
     accepting.join().await;
@@ -212,7 +218,9 @@ async fn background_chores(app: Arc<App>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
         }
         ticks += 1;
-        match app.certs.reload(&app.current().config) {
+        // File reads and key parsing stay off this thread, which also serves connections.
+        let (certs, config) = (app.certs.clone(), app.current());
+        match tokio::task::spawn_blocking(move || certs.reload(&config.config)).await.expect("the reload check does not panic") {
             Ok(true) => tracing::info!("certificate files changed; new handshakes use the new certificates"),
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; keeping the ones in service"),

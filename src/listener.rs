@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
@@ -28,11 +29,18 @@ const MAX_HEAD: usize = 64 * 1024;
 /// one work-stealing runtime, where tasks hop between threads. This is nginx's worker model.
 pub struct Acceptors {
     main: tokio::task::JoinHandle<()>,
-    /// Each extra thread signals when its accept loop has returned.
-    stopped: Vec<tokio::sync::oneshot::Receiver<()>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    extra: Vec<ExtraThread>,
     _stop: StopOnDrop,
 }
+
+/// An extra thread's signals: it stopped accepting; it ended.
+struct ExtraThread {
+    stopped: Option<oneshot::Receiver<()>>,
+    ended: oneshot::Receiver<()>,
+}
+
+/// How long `join` waits for the extra threads after shutdown has run.
+const JOIN_GRACE: Duration = Duration::from_secs(3);
 
 /// Stops every thread accepting, and lets each end once its connections have, if the
 /// acceptors are dropped before shutdown ran (a start that failed half-way, or a `serve`
@@ -48,58 +56,77 @@ impl Drop for StopOnDrop {
 
 impl Acceptors {
     /// Starts the loops; they stop accepting when shutdown's drain stage starts.
-    pub fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
+    pub async fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
         let stop = StopOnDrop(app.clone());
-        let (mut stopped, mut handles) = (Vec::new(), Vec::new());
+        let mut extra = Vec::new();
         for i in 1..threads.max(1) {
-            let (rx, thread) = Acceptors::start_thread(&listener, &app, i)?;
-            stopped.push(rx);
-            handles.push(thread);
+            extra.push(ExtraThread::start(&listener, &app, i).await?);
         }
         let main = app.tracker.spawn(accept_loop(listener, app.clone()));
-        Ok(Acceptors { main, stopped, threads: handles, _stop: stop })
-    }
-
-    /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Returns what
-    /// signals that it stopped accepting, and the thread.
-    fn start_thread(
-        listener: &TcpListener,
-        app: &Arc<App>,
-        i: usize,
-    ) -> std::io::Result<(tokio::sync::oneshot::Receiver<()>, std::thread::JoinHandle<()>)> {
-        let shared = std::net::TcpListener::from(socket2::SockRef::from(listener).try_clone()?);
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let (done, stopped) = tokio::sync::oneshot::channel();
-        let app = app.clone();
-        let thread = std::thread::Builder::new().name(format!("sigrelay-{i}")).spawn(move || {
-            runtime.block_on(async move {
-                match TcpListener::from_std(shared) {
-                    Ok(listener) => accept_loop(listener, app.clone()).await,
-                    Err(e) => tracing::error!(error = %e, thread = i, "cannot accept on this thread"),
-                }
-                let _ = done.send(());
-                // Run this thread's connections to their end; the tracker empties once
-                // shutdown has closed it and every connection, on any thread, is gone.
-                app.tracker.wait().await;
-            })
-        })?;
-        Ok((stopped, thread))
+        Ok(Acceptors { main, extra, _stop: stop })
     }
 
     /// Waits until every loop has stopped accepting.
     pub async fn stopped(&mut self) {
         let _ = (&mut self.main).await;
-        for rx in self.stopped.drain(..) {
-            let _ = rx.await;
+        for t in &mut self.extra {
+            if let Some(rx) = t.stopped.take() {
+                let _ = rx.await;
+            }
         }
     }
 
-    /// Waits (briefly: a connection stuck past the forced close must not hold up the exit) for
-    /// the extra threads to finish their connections and end.
+    /// Waits, briefly, for the extra threads to end: each does once its connections have, or
+    /// once the forced close's grace has run out, dropping whatever is still stuck.
     pub async fn join(mut self) {
-        let threads = std::mem::take(&mut self.threads);
-        let joined = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| drop(t.join())));
-        let _ = tokio::time::timeout(Duration::from_secs(2), joined).await;
+        let ended = futures_util::future::join_all(self.extra.drain(..).map(|t| t.ended));
+        if tokio::time::timeout(JOIN_GRACE, ended).await.is_err() {
+            tracing::warn!("an accept thread did not end in time");
+        }
+    }
+}
+
+impl ExtraThread {
+    /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Its runtime is
+    /// built on the thread itself, which reports whether it came up.
+    async fn start(listener: &TcpListener, app: &Arc<App>, i: usize) -> std::io::Result<ExtraThread> {
+        let shared = std::net::TcpListener::from(socket2::SockRef::from(listener).try_clone()?);
+        let (started_tx, started) = oneshot::channel::<std::io::Result<()>>();
+        let (stopped_tx, stopped) = oneshot::channel();
+        let (ended_tx, ended) = oneshot::channel();
+        let app = app.clone();
+        std::thread::Builder::new().name(format!("sigrelay-{i}")).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return drop(started_tx.send(Err(e))),
+            };
+            runtime.block_on(async move {
+                let listener = match TcpListener::from_std(shared) {
+                    Ok(l) => l,
+                    Err(e) => return drop(started_tx.send(Err(e))),
+                };
+                let _ = started_tx.send(Ok(()));
+                accept_loop(listener, app.clone()).await;
+                let _ = stopped_tx.send(());
+                // This thread's connections run to their end: the tracker empties once shutdown
+                // has closed it and every connection, on any thread, is gone. Past the forced
+                // close's grace, what is left is stuck and is dropped with the runtime.
+                tokio::select! {
+                    _ = app.tracker.wait() => {}
+                    _ = async {
+                        app.shutdown.close.cancelled().await;
+                        tokio::time::sleep(crate::shutdown::FORCE_GRACE + Duration::from_secs(1)).await;
+                    } => {}
+                }
+            });
+            runtime.shutdown_timeout(Duration::from_secs(1));
+            let _ = ended_tx.send(());
+        })?;
+        match started.await {
+            Ok(result) => result?,
+            Err(_) => return Err(std::io::Error::other("the thread ended before it started accepting")),
+        }
+        Ok(ExtraThread { stopped: Some(stopped), ended })
     }
 }
 

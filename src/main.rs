@@ -263,7 +263,13 @@ fn run(args: RunArgs) -> ExitCode {
         .enable_all()
         .build()
         .context("starting the tokio runtime")
-        .and_then(|rt| rt.block_on(serve(args)));
+        .and_then(|rt| {
+            let served = rt.block_on(serve(args));
+            // A task stuck past the forced close, or a records flush that timed out, must not
+            // keep the process alive: dropping the runtime would wait for them.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            served
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -338,10 +344,16 @@ async fn reload_on_sighup(
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
-        let result = Config::load(&path).map_err(anyhow::Error::from).and_then(|mut c| {
-            apply_overrides(&mut c, listen, admin_listen.as_deref())?;
-            app.reload(c).map_err(anyhow::Error::from)
-        });
+        // File reads and parsing stay off this thread, which also serves connections.
+        let (app, file, admin_listen) = (app.clone(), path.clone(), admin_listen.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            Config::load(&file).map_err(anyhow::Error::from).and_then(|mut c| {
+                apply_overrides(&mut c, listen, admin_listen.as_deref())?;
+                app.reload(c).map_err(anyhow::Error::from)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("reload: {e}")));
         match result {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
             Err(e) => tracing::error!(config = %path.display(), "reload rejected, running configuration kept: {e:#}"),

@@ -9,7 +9,7 @@ use crate::listener::Acceptors;
 use crate::App;
 
 /// How long relayed connections get to finish their close handshakes after the 1012.
-const FORCE_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const FORCE_GRACE: Duration = Duration::from_secs(10);
 
 /// The two stages of shutdown.
 #[derive(Debug, Default, Clone)]

@@ -325,7 +325,7 @@ fn no_log_line_or_record_carries_a_secret() {
 }
 
 /// sigrelay raises its soft descriptor limit to the hard one, derives `max_connections` from it
-/// (two descriptors per relayed connection, 64 in reserve), and past it refuses with a 503 and a
+/// (two descriptors per relayed connection; 64 in reserve, plus 4 per extra thread), and past it refuses with a 503 and a
 /// record instead of failing `accept()` or crashing.
 #[test]
 fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
@@ -338,12 +338,12 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
     let gw = rt.block_on(support::Gateway::start(&pki, Mode::Echo));
     let config = pki.dir.path().join("sigrelay.toml");
     let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\nthreads = 3\n[upstream]\nca_file = {:?}\nsystem_dns = false\n\
          [admin]\nlisten = \"off\"\n{}",
         pki.relay_cert, pki.relay_key, pki.ca_file, support::resolve_all_to(gw.addr)
     );
     std::fs::write(&config, text).unwrap();
-    // Soft 100, hard 200: without the raise the cap would be 18; with it, (200 - 64) / 2 = 68.
+    // Soft 100, hard 200: without the raise the cap would be 14; with it, (200 - 64 - 2 * 4) / 2 = 64.
     let mut cmd = Command::new("prlimit");
     cmd.args(["--nofile=100:200", BIN, "run", "--config"]).arg(&config);
     let Running { mut child, addr, .. } = start(cmd);
@@ -365,7 +365,7 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
     };
     rt.block_on(async {
         let mut held = Vec::new();
-        for i in 0..68 {
+        for i in 0..64 {
             let (mut ws, _) = relay_ws().await.unwrap_or_else(|e| panic!("connection {i}: {e}"));
             ws.send(Message::text(format!("hello {i}"))).await.unwrap();
             let echoed = tokio::time::timeout(support::WAIT, ws.next()).await.unwrap().unwrap().unwrap();
@@ -374,7 +374,7 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
         }
         match relay_ws().await {
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status().as_u16(), 503),
-            other => panic!("the 69th connection was not refused with 503: {other:?}"),
+            other => panic!("the 65th connection was not refused with 503: {other:?}"),
         }
         // Still serving: one leaves, another gets in.
         let mut first = held.remove(0);
@@ -399,5 +399,5 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
     assert!(!refused.is_empty(), "a record for the refused connection");
     assert!(refused.iter().all(|r| r["event"] == "handshake" && r["route"] == "signaling"));
     let ok = all.iter().filter(|r| r["event"] == "handshake" && r["outcome"] == "ok").count();
-    assert_eq!(ok, 69, "68 held plus the one after a slot freed");
+    assert_eq!(ok, 65, "64 held plus the one after a slot freed");
 }

@@ -35,9 +35,18 @@ async fn admin_lists_meters_and_closes_live_connections() {
     let r = relay.record("handshake").await;
     let id = r["conn_id"].as_str().unwrap().to_string();
 
-    let (status, body) = http(relay.admin(), "GET", "/connections", &[]).await;
-    assert_eq!(status, 200);
-    let list: Vec<Value> = serde_json::from_str(&body).unwrap();
+    // The pump counts a message once its write has returned, so the echo can reach the browser
+    // (and this request the admin thread) a moment before the count does.
+    let mut list: Vec<Value> = Vec::new();
+    for _ in 0..200 {
+        let (status, body) = http(relay.admin(), "GET", "/connections", &[]).await;
+        assert_eq!(status, 200);
+        list = serde_json::from_str(&body).unwrap();
+        if list.len() == 1 && list[0]["msgs_down"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["conn_id"], id.as_str());
     assert_eq!((list[0]["route"].as_str(), list[0]["region"].as_str()), (Some("signaling"), Some("au1")));
@@ -112,7 +121,16 @@ async fn drain_turns_readyz_503_then_closes_with_1012() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ready, 503, "readyz turns 503 at once");
-    assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    // Every thread's accept loop stops on the same signal; the socket closes once the last has.
+    let mut accepting = true;
+    for _ in 0..200 {
+        accepting = TcpStream::connect(addr).await.is_ok();
+        if !accepting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!accepting, "no longer accepting");
     // Live connections still work during the drain.
     echo_once(&mut sockets[0], "still here").await;
     for ws in &mut sockets {

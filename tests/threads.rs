@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use sigrelay::mock_gateway::Mode;
 use support::*;
 
@@ -15,13 +17,24 @@ fn relay_threads() -> usize {
     names.filter(|n| n.trim_end().strip_prefix("sigrelay-").is_some_and(|i| i.parse::<u32>().is_ok())).count()
 }
 
+/// Waits (up to 10 s) until `relay_threads()` is `n`; a thread takes its name only once it runs.
+async fn expect_threads(n: usize, why: &str) {
+    for _ in 0..1000 {
+        if relay_threads() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{why}: {} extra threads, expected {n}", relay_threads());
+}
+
 #[tokio::test]
 async fn every_thread_serves_and_drains_its_connections() {
     const N: usize = 12;
     let pki = Pki::new();
     let mut gw = Gateway::start(&pki, Mode::Echo).await;
     let mut relay = Relay::to_gateway(&pki, &gw, "threads = 4\ndrain_timeout = \"200ms\"\ndrain_jitter = \"100ms\"").await;
-    assert_eq!(relay_threads(), 3, "three threads beside the caller's");
+    expect_threads(3, "three threads beside the caller's").await;
     let mut sockets = Vec::new();
     for i in 0..N {
         let mut ws = relay.ws(&pki, "/au1/signaling").await;
@@ -37,7 +50,7 @@ async fn every_thread_serves_and_drains_its_connections() {
         assert_eq!(gw.event("close").await["code"], 1012);
     }
     assert_eq!(relay.written_closes().len(), N, "one close record per connection");
-    assert_eq!(relay_threads(), 0, "the extra threads end with the relay");
+    expect_threads(0, "the extra threads end with the relay").await;
 
     // A serve future dropped without a shutdown (its task aborted) must not leave threads
     // accepting on the socket behind it.
@@ -46,18 +59,10 @@ async fn every_thread_serves_and_drains_its_connections() {
     let app = sigrelay::App::new(config, sigrelay::Records::channel().0).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let serving = tokio::spawn(sigrelay::serve(app, listener, std::future::pending()));
-    while relay_threads() < 2 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    expect_threads(2, "two threads beside the caller's").await;
     serving.abort();
     let _ = serving.await;
-    for _ in 0..300 {
-        if relay_threads() == 0 {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    panic!("{} extra threads still running after serve was dropped", relay_threads());
+    expect_threads(0, "threads still running after serve was dropped").await;
 }
 
 #[test]

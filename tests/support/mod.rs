@@ -205,13 +205,14 @@ impl Relay {
             let _ = shutdown_rx.await;
         });
         let done = tokio::spawn(async move { served.await.expect("relay serves") });
-        // The admin listener is bound inside serve; wait for it.
-        for _ in 0..200 {
-            if app.admin_addr.get().is_some() || app.current().config.admin.listen.is_none() {
+        // serve binds the admin listener, then starts every thread accepting: wait for both.
+        for _ in 0..2000 {
+            if app.ready() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert!(app.ready(), "the relay did not come up");
         Relay { addr, records: rx, app, shutdown: Some(tx), done: Some(done) }
     }
 
