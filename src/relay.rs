@@ -215,7 +215,7 @@ async fn relay(
         route: close.route.clone().unwrap_or_default(),
         region: close.region.clone().unwrap_or_default(),
     }).clone();
-    let _live = app.registry.insert(
+    let live = app.registry.insert(
         LiveConn {
             conn_id: close.conn_id.clone(),
             client_addr: close.client_addr,
@@ -258,6 +258,8 @@ async fn relay(
     close.msgs_down = counters.msgs_down.load(std::sync::atomic::Ordering::Relaxed);
     close.bytes_up = counters.bytes_up.load(std::sync::atomic::Ordering::Relaxed);
     close.bytes_down = counters.bytes_down.load(std::sync::atomic::Ordering::Relaxed);
+    // Off /connections and the live gauge before the close record says the connection ended.
+    drop(live);
     app.records.close(close);
 }
 
