@@ -90,7 +90,14 @@ impl ExtraThread {
     /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Its runtime is
     /// built on the thread itself, which reports whether it came up.
     async fn start(listener: &TcpListener, app: &Arc<App>, i: usize) -> std::io::Result<ExtraThread> {
-        let shared = std::net::TcpListener::from(socket2::SockRef::from(listener).try_clone()?);
+        let socket = socket2::SockRef::from(listener);
+        let shared = if socket.reuse_port().unwrap_or(false) {
+            // A socket of its own on the same port: the kernel spreads new connections evenly
+            // over the threads' sockets, where a shared one goes to whichever thread woke first.
+            bind_std(listener.local_addr()?)?
+        } else {
+            std::net::TcpListener::from(socket.try_clone()?)
+        };
         let (started_tx, started) = oneshot::channel::<std::io::Result<()>>();
         let (stopped_tx, stopped) = oneshot::channel();
         let (ended_tx, ended) = oneshot::channel();
@@ -130,6 +137,24 @@ impl ExtraThread {
     }
 }
 
+/// Binds the listening socket with `SO_REUSEPORT`, so that each of `server.threads` can have a
+/// socket of its own on the same port (see [`Acceptors`]). Only processes of the same user can
+/// join the port.
+/// Call it inside a tokio runtime.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr)?)
+}
+
+fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 /// Accepts until shutdown starts. One failed `accept()` never ends the loop; when descriptors
 /// run out it backs off briefly instead of spinning.
 pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
@@ -141,6 +166,10 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
         match accepted {
             Ok((tcp, addr)) => {
                 app.tracker.spawn(serve_connection(app.clone(), tcp, addr));
+                // One connection per turn, as nginx's default (`multi_accept off`): this thread
+                // starts the handshake it just took before taking another, so a burst waiting in
+                // the backlog spreads over the threads instead of landing on whichever woke first.
+                tokio::task::yield_now().await;
             }
             Err(e) => {
                 // ENFILE (23) and EMFILE (24): retrying at once would spin.

@@ -300,8 +300,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         Ok(n) => tracing::debug!(nofile = n, "file-descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
     }
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
+    let listener = sigrelay::listener::bind(config.server.listen)
         .with_context(|| format!("binding {}", config.server.listen))?;
     let addr = listener.local_addr()?;
     let (records, writer) = sigrelay::Records::stdout();
