@@ -138,9 +138,8 @@ impl ExtraThread {
 }
 
 /// Binds the listening socket with `SO_REUSEPORT`, so that each of `server.threads` can have a
-/// socket of its own on the same port (see [`Acceptors`]). Only processes of the same user can
-/// join the port.
-/// Call it inside a tokio runtime.
+/// socket of its own on the same port (see [`Acceptors`]); only processes of the same user can
+/// join the port. Call it inside a tokio runtime.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(bind_std(addr)?)
 }

@@ -195,7 +195,8 @@ async fn relay(
 ) {
     let r = &mut s.record;
     r.upstream_addr = Some(upstream.addr);
-    r.upstream_status = Some(upstream.status);
+    // A connected gateway is one that answered 101.
+    r.upstream_status = Some(101);
     r.outcome = Some(Outcome::Ok);
     r.total_ms = Some(millis(s.started.elapsed()));
     let record = std::mem::take(r);

@@ -101,7 +101,6 @@ pub struct Connected {
     /// What the gateway sent after its 101, not yet relayed.
     pub leftover: Vec<u8>,
     pub addr: SocketAddr,
-    pub status: u16,
 }
 
 /// Opens gateway connections.
@@ -200,7 +199,7 @@ impl Connector {
         let t = Instant::now();
         let leftover = read_upgrade_answer(&mut io, &key).await?;
         timings.websocket = Some(t.elapsed());
-        Ok(Connected { io: Box::new(io), leftover, addr, status: 101 })
+        Ok(Connected { io: Box::new(io), leftover, addr })
     }
 
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {

@@ -480,7 +480,7 @@ async fn upstream_protocol_error_for_a_bad_101() {
 async fn a_frame_sent_in_the_same_write_as_the_gateways_101_is_relayed() {
     let pki = Pki::new();
     let gw = fault_gateway(Fault::TlsUpgradeThenGreet(pki.server_tls(&sigrelay::pki::twilio_names()))).await;
-    let mut relay = Relay::start(&pki, "", "", &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{gw}\"")).await;
+    let mut relay = Relay::start(&pki, "", "", &resolve_all_to(gw)).await;
     let mut ws = RawWs::connect(&relay, &pki, "/au1/signaling").await;
     ws.send_text(&hello(&token("au1_valid_until_2100"))).await;
     let frame = tokio::time::timeout(WAIT, ws.next_frame()).await.expect("a frame in time");
