@@ -141,6 +141,9 @@ impl ExtraThread {
 /// socket of its own on the same port (see [`Acceptors`]); only processes of the same user can
 /// join the port. Call it inside a tokio runtime.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    // With SO_REUSEPORT alone a second sigrelay of the same user would quietly share a port
+    // already in use. A plain bind first fails with "address in use" as it always did.
+    let addr = std::net::TcpListener::bind(addr)?.local_addr()?;
     TcpListener::from_std(bind_std(addr)?)
 }
 

@@ -74,3 +74,10 @@ fn threads_must_be_a_sensible_count() {
     let ok = sigrelay::config::Config::parse("[server]\nthreads = 3\n", "t.toml").unwrap();
     assert_eq!(ok.server.threads, 3);
 }
+
+#[tokio::test]
+async fn a_port_in_use_is_refused_though_the_threads_share_theirs() {
+    let first = sigrelay::listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let err = sigrelay::listener::bind(first.local_addr().unwrap()).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}
