@@ -5,40 +5,16 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{header, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::App;
-
-type Resp = Response<Full<Bytes>>;
-
-fn respond(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-store")
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
-}
-
-fn text(status: StatusCode, body: &'static str) -> Resp {
-    respond(status, "text/plain; charset=utf-8", body)
-}
-
-/// The answer to a probe of readiness: 200 while serving, 503 once draining.
-pub fn readyz(app: &App) -> (StatusCode, &'static str) {
-    if app.ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    }
-}
+use crate::app::App;
+use crate::request::readyz;
+use crate::respond::{self, response as respond, text, Resp};
 
 /// Serves the admin endpoints until `stop` fires.
 pub async fn serve(listener: TcpListener, app: Arc<App>, token: Option<String>, stop: CancellationToken) {
@@ -70,8 +46,7 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>) 
         return Ok(text(StatusCode::OK, "ok\n"));
     }
     if method == Method::GET && path == "/readyz" {
-        let (status, body) = readyz(&app);
-        return Ok(text(status, body));
+        return Ok(readyz(&app));
     }
     if let Some(token) = &token {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
@@ -84,7 +59,7 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>) 
     }
     Ok(match (method, path) {
         (&Method::GET, "/metrics") => {
-            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics().encode())
+            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics.encode())
         }
         (&Method::GET, "/connections") => {
             let body = serde_json::to_vec(&app.registry.list()).expect("JSON values serialize");
@@ -93,7 +68,7 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>) 
         (&Method::DELETE, p) if p.starts_with("/connections/") => {
             let id = &p["/connections/".len()..];
             if app.registry.close(id) {
-                Response::builder().status(StatusCode::NO_CONTENT).body(Full::new(Bytes::new())).expect("valid")
+                respond::empty(StatusCode::NO_CONTENT)
             } else {
                 text(StatusCode::NOT_FOUND, "no live connection with that id\n")
             }

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls_pki_types::ServerName;
 use serde::Deserialize;
-
-use crate::routing::{RegionSource, UpstreamTarget};
 
 /// Region codes Twilio's SDK knows (`region` option), allowed unless `[routing] regions` says otherwise.
 pub const DEFAULT_REGIONS: &[&str] =
@@ -167,7 +167,7 @@ impl OriginPattern {
 }
 
 /// `[upstream]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     /// Extra PEM trust anchors, added to the public web roots.
     pub ca_file: Option<PathBuf>,
@@ -195,12 +195,76 @@ pub struct Route {
     pub default_region: String,
     /// Region code to host label, e.g. `gll = "global"`.
     pub region_alias: BTreeMap<String, String>,
+    /// The upstream for every allowed region, parsed from `upstream` once, at validation.
+    pub targets: BTreeMap<String, Arc<UpstreamTarget>>,
 }
 
 impl Route {
     /// The host label a region code is written as in the upstream URL.
     pub fn host_label<'a>(&'a self, region: &'a str) -> &'a str {
         self.region_alias.get(region).map(String::as_str).unwrap_or(region)
+    }
+}
+
+/// Where a connection's region code comes from (`region_from`, plus the implied default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionSource {
+    Path,
+    Query,
+    Token,
+    Default,
+}
+
+impl RegionSource {
+    /// Parses a `region_from` entry (`default` is implied, not listed).
+    pub fn parse(s: &str) -> Option<RegionSource> {
+        match s {
+            "path" => Some(RegionSource::Path),
+            "query" => Some(RegionSource::Query),
+            "token" => Some(RegionSource::Token),
+            _ => None,
+        }
+    }
+
+    /// The word written to records (`region_source`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RegionSource::Path => "path",
+            RegionSource::Query => "query",
+            RegionSource::Token => "token",
+            RegionSource::Default => "default",
+        }
+    }
+}
+
+/// A resolved upstream: a `wss://` URL split into what the connector needs. The host always
+/// comes from a route's template, never from a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub path_and_query: String,
+    pub server_name: ServerName<'static>,
+}
+
+impl UpstreamTarget {
+    /// Fills `{region}` in a template with a host label and checks the result is a usable
+    /// `wss://` URL.
+    pub fn from_template(template: &str, label: &str) -> Result<UpstreamTarget, String> {
+        let url = template.replace("{region}", label);
+        let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        if uri.scheme_str() != Some("wss") {
+            return Err("must start with wss://".into());
+        }
+        let authority = uri.authority().ok_or("has no host")?;
+        if authority.as_str().contains('@') {
+            return Err("must not carry user info".into());
+        }
+        let host = authority.host().to_ascii_lowercase();
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| format!("{host:?} is not a valid host name"))?;
+        let path_and_query = uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        Ok(UpstreamTarget { port: authority.port_u16().unwrap_or(443), url, host, path_and_query, server_name })
     }
 }
 
@@ -644,27 +708,28 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
                 c.problem(format!("routes[{i}].region_alias.{code}"), format!("{label:?} is not a host label"));
             }
         }
-        let route = Route {
-            name,
-            path,
-            upstream: r.upstream.unwrap_or_default(),
-            region_from,
-            default_region,
-            region_alias: r.region_alias,
-        };
-        if route.upstream.is_empty() {
+        let upstream = r.upstream.unwrap_or_default();
+        let mut targets = BTreeMap::new();
+        if upstream.is_empty() {
             c.problem(k("upstream"), "missing");
-        } else if !route.upstream.contains("{region}") {
-            c.problem(k("upstream"), format!("{:?} must contain {{region}}", route.upstream));
+        } else if !upstream.contains("{region}") {
+            c.problem(k("upstream"), format!("{upstream:?} must contain {{region}}"));
         } else {
-            // Every allowed region must yield a usable URL, so nothing is left to fail per connection.
+            // Every allowed region yields a usable URL, so nothing is left to fail per connection.
             for region in &regions {
-                if let Err(why) = UpstreamTarget::from_template(&route.upstream, route.host_label(region)) {
-                    c.problem(k("upstream"), format!("{:?}: {why}", route.upstream));
-                    break;
+                let label = r.region_alias.get(region).map(String::as_str).unwrap_or(region);
+                match UpstreamTarget::from_template(&upstream, label) {
+                    Ok(t) => {
+                        targets.insert(region.clone(), Arc::new(t));
+                    }
+                    Err(why) => {
+                        c.problem(k("upstream"), format!("{upstream:?}: {why}"));
+                        break;
+                    }
                 }
             }
         }
+        let route = Route { name, path, upstream, region_from, default_region, region_alias: r.region_alias, targets };
         routes.push(route);
     }
 

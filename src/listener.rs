@@ -1,8 +1,8 @@
-//! Accepting connections: the accept loop, and per connection the TLS handshake (under
-//! `handshake_timeout`) and the HTTP/1.1 server with upgrades.
+//! Accepting connections: the accept loops (one per thread), and per connection the PROXY
+//! header, the TLS handshake (under `handshake_timeout`) and the HTTP/1.1 server with upgrades,
+//! whose requests [`crate::request`] answers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +14,11 @@ use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use crate::handshake::{self, new_conn_id, ConnContext};
+use crate::app::App;
 use crate::outcome::Outcome;
-use crate::records::{millis, HandshakeRecord};
-use crate::App;
+use crate::records::millis;
+use crate::request::{self, ConnContext};
+use crate::session::{PendingHandshake, Peer};
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -195,6 +196,11 @@ async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
     let limit = current.config.server.handshake_timeout;
     async {
         let mut client_addr = peer;
+        let early_failure = |client_addr, outcome: Outcome, why: String| {
+            tracing::debug!(%outcome, error = %why, "connection failed before a request");
+            let peer = Peer { client_addr, sni: None, tls_ms: None };
+            let _ = PendingHandshake::new(&app, &peer, started).fail(outcome, why);
+        };
         if app.proxy_protocol {
             match crate::proxy_protocol::read(&mut tcp, limit).await {
                 Ok(Some(addr)) => {
@@ -202,78 +208,64 @@ async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
                     tracing::Span::current().record("client", tracing::field::display(addr));
                 }
                 Ok(None) => {}
-                Err(why) => return early_failure(&app, peer, started, Outcome::BadProxyHeader, why),
+                Err(why) => return early_failure(peer, Outcome::BadProxyHeader, why),
             }
         }
         let Some(acceptor) = &app.tls else {
-            let ctx = ConnContext::new(&app, client_addr, None, Duration::ZERO);
-            return serve_http(&app, tcp, ctx, limit, started).await;
+            let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None });
+            return serve_http(&app, tcp, conn, limit, started).await;
         };
         let remaining = limit.saturating_sub(started.elapsed());
         let tls = match tokio::time::timeout(remaining, acceptor.accept(tcp)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return early_failure(&app, client_addr, started, Outcome::ClientTlsError, e.to_string()),
+            Ok(Err(e)) => return early_failure(client_addr, Outcome::ClientTlsError, e.to_string()),
             Err(_) => {
                 let why = format!("TLS handshake did not finish within {}", humantime::format_duration(limit));
-                return early_failure(&app, client_addr, started, Outcome::ClientTimeout, why);
+                return early_failure(client_addr, Outcome::ClientTimeout, why);
             }
         };
         let sni = tls.get_ref().1.server_name().map(str::to_string);
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
         }
-        let ctx = ConnContext::new(&app, client_addr, sni, started.elapsed());
-        serve_http(&app, tls, ctx, limit, started).await
+        let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) });
+        serve_http(&app, tls, conn, limit, started).await
     }
     .instrument(span)
     .await
 }
 
 /// Serves HTTP/1.1 with upgrades; a connection that ends without a request gets its record here.
-async fn serve_http<I>(app: &Arc<App>, io: I, ctx: ConnContext, limit: Duration, started: Instant)
+async fn serve_http<I>(app: &Arc<App>, io: I, conn: ConnContext, limit: Duration, started: Instant)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = Arc::new(ctx);
+    let conn = Arc::new(conn);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limit.saturating_sub(started.elapsed()).max(Duration::from_millis(100)))
         .max_header_size(MAX_HEAD)
         .max_buf_size(MAX_HEAD);
-    let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| handshake::handle(req, svc_ctx.clone()));
-    let conn = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
-    tokio::pin!(conn);
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |req| request::handle(req, svc_conn.clone()));
+    let served = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(served);
     let result = tokio::select! {
-        r = conn.as_mut() => r,
+        r = served.as_mut() => r,
         _ = app.shutdown.drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            served.as_mut().graceful_shutdown();
+            served.await
         }
     };
-    if !ctx.saw_request.load(Ordering::Relaxed) {
+    if !conn.saw_request() {
         let (outcome, why) = match &result {
             Err(e) if e.is_timeout() => (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string()),
             Err(e) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
             Err(e) => (Outcome::NoRequest, e.to_string()),
             Ok(()) => (Outcome::NoRequest, "connection closed before a request".to_string()),
         };
-        let mut record = HandshakeRecord::new(new_conn_id(), ctx.client_addr, ctx.sni.clone());
-        record.tls_ms = ctx.tls_ms;
-        record.outcome = Some(outcome);
-        record.error = Some(why);
-        record.total_ms = Some(millis(started.elapsed()));
-        app.records.handshake(record);
+        let _ = PendingHandshake::new(app, &conn.peer, started).fail(outcome, why);
     } else if let Err(e) = result {
         tracing::debug!(error = %e, "http connection ended with an error");
     }
-}
-
-fn early_failure(app: &App, client_addr: SocketAddr, started: Instant, outcome: Outcome, why: String) {
-    tracing::debug!(%outcome, error = %why, "connection failed before a request");
-    let mut record = HandshakeRecord::new(new_conn_id(), client_addr, None);
-    record.outcome = Some(outcome);
-    record.error = Some(why);
-    record.total_ms = Some(millis(started.elapsed()));
-    app.records.handshake(record);
 }

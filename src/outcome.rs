@@ -70,6 +70,8 @@ pub enum Outcome {
     ClosedByOperator,
     /// The `/diag` echo endpoint's bound on messages or time was reached.
     DiagLimit,
+    /// The relay dropped a connection without deciding its outcome: a bug, please report it.
+    RelayError,
 }
 
 impl Outcome {
@@ -109,6 +111,7 @@ impl Outcome {
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::ClosedByOperator => "closed_by_operator",
             Outcome::DiagLimit => "diag_limit",
+            Outcome::RelayError => "relay_error",
         }
     }
 
@@ -122,14 +125,6 @@ impl Outcome {
             Outcome::Shutdown | Outcome::OverMaxConnections => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
-    }
-
-    /// Whether a limit refuses with an HTTP status before the upgrade rather than with a 101 and
-    /// a close. Only the total cap does: it guards the descriptor budget, a 503 costs nothing
-    /// more, and a load balancer in front can retry it elsewhere. The per-address limits close
-    /// with 1013 and a reason, which a page can read and an HTTP status it cannot.
-    pub fn refused_before_upgrade(self) -> bool {
-        self == Outcome::OverMaxConnections
     }
 
     /// The close code the browser gets when the relay gives up on an accepted WebSocket before

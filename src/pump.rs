@@ -100,7 +100,7 @@ pub struct Initial {
 /// `drain_jitter`, both sides get 1012), `operator` fires (1001 "closed by operator"), or the
 /// connection idles out. `initial` holds bytes already read from each side: the browser's first
 /// message, and whatever the gateway sent right behind its 101.
-pub async fn relay<CR, CW, UR, UW>(
+pub async fn run<CR, CW, UR, UW>(
     client: (CR, CW),
     upstream: (UR, UW),
     initial: Initial,
@@ -611,7 +611,7 @@ mod tests {
         let task = tokio::spawn(async move {
             let counters = Counters::default();
             let opts = PumpOptions::new(max, "C1");
-            let end = relay(split(relay_client), split(relay_up), Initial { client: initial, upstream: Vec::new() }, &opts, &counters, &sd, &CancellationToken::new()).await;
+            let end = run(split(relay_client), split(relay_up), Initial { client: initial, upstream: Vec::new() }, &opts, &counters, &sd, &CancellationToken::new()).await;
             let c = [&counters.msgs_up, &counters.msgs_down, &counters.bytes_up, &counters.bytes_down]
                 .map(|a| a.load(Ordering::Relaxed));
             (end, c)

@@ -1,4 +1,5 @@
-//! Handshake and close records: flat JSON objects, one per line, on stdout.
+//! Handshake and close records: flat JSON objects, one per line, on stdout. Only the
+//! [`session`](crate::session) owners write them.
 //!
 //! Records go through an unbounded channel to a writer thread, so a slow stdout consumer never
 //! stalls a connection and no record is dropped; the writer writes them in batches, at most
@@ -93,7 +94,6 @@ const BATCH_WINDOW: Duration = Duration::from_millis(10);
 #[derive(Clone)]
 pub struct Records {
     tx: mpsc::UnboundedSender<String>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for Records {
@@ -132,33 +132,26 @@ impl Records {
                 }
             })
             .expect("spawning the records thread");
-        (Records { tx, metrics: Default::default() }, RecordsWriter { thread: Some(thread) })
+        (Records { tx }, RecordsWriter { thread: Some(thread) })
     }
 
     /// Records delivered as JSON lines on a channel (for tests and embedding).
     pub fn channel() -> (Records, mpsc::UnboundedReceiver<String>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Records { tx, metrics: Default::default() }, rx)
-    }
-
-    /// The metrics the records feed (handshake and close counts, handshake times).
-    pub fn metrics(&self) -> &std::sync::Arc<crate::metrics::Metrics> {
-        &self.metrics
+        (Records { tx }, rx)
     }
 
     /// Writes a handshake record, stamping its time.
-    pub fn handshake(&self, mut record: HandshakeRecord) {
-        self.metrics.handshake(&record);
+    pub fn handshake(&self, record: &mut HandshakeRecord) {
         record.ts = now_rfc3339();
-        self.send(&record);
+        self.send(record);
     }
 
     /// Writes a close record, stamping its time.
-    pub fn close(&self, mut record: CloseRecord) {
+    pub fn close(&self, record: &mut CloseRecord) {
         record.event = "close";
-        self.metrics.close(&record);
         record.ts = now_rfc3339();
-        self.send(&record);
+        self.send(record);
     }
 
     fn send<T: Serialize>(&self, record: &T) {
@@ -186,4 +179,9 @@ impl RecordsWriter {
 /// Now, as RFC 3339 in UTC with milliseconds.
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// Now, as unix seconds (what token `exp` and `nbf` are in).
+pub fn unix_now() -> i64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64
 }

@@ -1,15 +1,12 @@
-//! Shutdown in order: stop accepting, let live connections finish for `drain_timeout`, then
-//! close the rest with 1012 on both sides and wait for them to go.
+//! The two stages of shutdown every connection watches, and the process signals that start it.
+//! The sequence itself (stop accepting, drain, force) is [`crate::server`]'s.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::listener::Acceptors;
-use crate::App;
-
 /// How long relayed connections get to finish their close handshakes after the 1012.
-pub(crate) const FORCE_GRACE: Duration = Duration::from_secs(10);
+pub const FORCE_GRACE: Duration = Duration::from_secs(10);
 
 /// The two stages of shutdown.
 #[derive(Debug, Default, Clone)]
@@ -20,20 +17,49 @@ pub struct Signals {
     pub close: CancellationToken,
 }
 
-/// Runs the shutdown sequence; returns when every connection task has ended (or the grace ran out).
-pub async fn drain(app: &App, accepting: &mut Acceptors) {
-    app.shutdown.drain.cancel();
-    accepting.stopped().await;
-    app.tracker.close();
-    let live = app.registry.len();
-    if live > 0 {
-        tracing::info!(live, drain_timeout = ?app.current().config.server.drain_timeout, "draining live connections");
+/// Resolves on the first SIGTERM or SIGINT; a second one exits the process at once.
+pub async fn terminate_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
-    if tokio::time::timeout(app.current().config.server.drain_timeout, app.tracker.wait()).await.is_err() {
-        tracing::info!(live = app.registry.len(), "drain timeout reached; closing the rest with 1012");
-        app.shutdown.close.cancel();
-        if tokio::time::timeout(FORCE_GRACE, app.tracker.wait()).await.is_err() {
-            tracing::warn!(tasks = app.tracker.len(), "connections still open after the forced close");
+    tracing::info!("shutdown signal received; draining (send it again to exit at once)");
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
+        eprintln!("sigrelay: second signal, exiting now");
+        std::process::exit(130);
+    });
+}
+
+/// On every SIGHUP, `load` (run off the async threads) reads the configuration again; each
+/// file that loads is sent on the returned channel, each that does not is logged with every
+/// problem and skipped, so the running configuration stays.
+pub fn reload_on_sighup<F>(load: F) -> tokio::sync::mpsc::Receiver<crate::Config>
+where
+    F: Fn() -> Result<crate::Config, String> + Send + Sync + 'static,
+{
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let load = std::sync::Arc::new(load);
+    tokio::spawn(async move {
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            let load = load.clone();
+            match tokio::task::spawn_blocking(move || load()).await.unwrap_or_else(|e| Err(e.to_string())) {
+                Ok(config) => {
+                    if tx.send(config).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::error!("reload rejected, running configuration kept: {e}"),
+            }
+        }
+    });
+    rx
 }

@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::Config;
 use crate::outcome::Outcome;
-use crate::routing::UpstreamTarget;
+use crate::config::UpstreamTarget;
 
 /// The phase of a gateway connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

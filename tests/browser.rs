@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use sigrelay::mock_gateway::{token_sha256, Mode};
+use sigrelay::tools::mock_gateway::{token_sha256, Mode};
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};

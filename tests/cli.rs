@@ -174,7 +174,7 @@ fn https_get(addr: &str, cert: &Path, path: &str) -> String {
 #[test]
 fn sighup_reloads_and_sigterm_drains_live_connections() {
     use futures_util::{SinkExt, StreamExt};
-    use sigrelay::mock_gateway::Mode;
+    use sigrelay::tools::mock_gateway::Mode;
     use tokio_tungstenite::tungstenite::Message;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -263,7 +263,7 @@ fn sighup_reloads_and_sigterm_drains_live_connections() {
 #[test]
 fn no_log_line_or_record_carries_a_secret() {
     use futures_util::{SinkExt, StreamExt};
-    use sigrelay::mock_gateway::Mode;
+    use sigrelay::tools::mock_gateway::Mode;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     use tokio_tungstenite::tungstenite::Message;
 
@@ -330,7 +330,7 @@ fn no_log_line_or_record_carries_a_secret() {
 #[test]
 fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
     use futures_util::{SinkExt, StreamExt};
-    use sigrelay::mock_gateway::Mode;
+    use sigrelay::tools::mock_gateway::Mode;
     use tokio_tungstenite::tungstenite::Message;
 
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -4,7 +4,7 @@ mod support;
 
 use std::process::Command;
 
-use sigrelay::mock_gateway::Mode;
+use sigrelay::tools::mock_gateway::Mode;
 use support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sigrelay");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use sigrelay::mock_gateway::Mode;
+use sigrelay::tools::mock_gateway::Mode;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -83,7 +83,7 @@ async fn gateway_faults_end_cleanly_and_release_everything() {
 async fn gateway_resetting_mid_message_is_an_error_close_not_a_partial_message() {
     let _turn = SERIAL.lock().await;
     let pki = Pki::new();
-    let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
     let gw = fault_gateway(Fault::TlsUpgradeThenPartialFrameAndReset(tls)).await;
     let mut relay = Relay::start(&pki, "", "", &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{gw}\"")).await;
     let mut ws = RawWs::connect(&relay, &pki, "/au1/signaling").await;
@@ -102,7 +102,7 @@ async fn gateway_resetting_mid_message_is_an_error_close_not_a_partial_message()
 async fn a_gateway_that_stops_reading_slows_the_browser_and_memory_stays_bounded() {
     let _turn = SERIAL.lock().await;
     let pki = Pki::new();
-    let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
     let gw = fault_gateway(Fault::TlsUpgradeThenSilent(tls)).await;
     let mut relay = Relay::start(
         &pki,
@@ -241,7 +241,7 @@ async fn nothing_is_lost_reordered_or_duplicated_while_some_connections_fail() {
 async fn failed_upstreams_leave_nothing_behind() {
     let _turn = SERIAL.lock().await;
     let pki = Pki::new();
-    let gw_tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let gw_tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
     let other = Pki::named("not trusted CA");
     let cases: Vec<(&str, Option<std::net::SocketAddr>, &str)> = vec![
         ("refused", Some(closed_port().await), "upstream_connect_error"),
@@ -249,7 +249,7 @@ async fn failed_upstreams_leave_nothing_behind() {
         ("silent TCP", Some(fault_gateway(Fault::Silent).await), "upstream_timeout"),
         ("silent after TLS", Some(fault_gateway(Fault::TlsThenSilent(gw_tls.clone())).await), "upstream_timeout"),
         ("wrong name", Some(fault_gateway(Fault::TlsRespond(pki.server_tls(&["other.test".into()]), "")).await), "upstream_tls_error"),
-        ("untrusted", Some(fault_gateway(Fault::TlsRespond(other.server_tls(&sigrelay::pki::twilio_names()), "")).await), "upstream_tls_error"),
+        ("untrusted", Some(fault_gateway(Fault::TlsRespond(other.server_tls(&sigrelay::tools::pki::twilio_names()), "")).await), "upstream_tls_error"),
         ("503", Some(fault_gateway(Fault::TlsRespond(gw_tls.clone(), "HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n")).await), "upstream_rejected"),
         ("bad 101", Some(fault_gateway(Fault::TlsRespond(gw_tls.clone(), "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: nope\r\n\r\n")).await), "upstream_protocol_error"),
     ];

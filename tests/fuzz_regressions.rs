@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use sigrelay::fuzz_checks;
+use sigrelay::tools::fuzz_checks;
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_regressions").join(target);
@@ -28,7 +28,7 @@ fn first_frame_token() {
 
 #[test]
 fn route_region() {
-    let router = sigrelay::routing::Router::new(&sigrelay::Config::defaults());
+    let router = sigrelay::route::Router::new(&sigrelay::Config::defaults());
     for (name, data) in inputs("route_region") {
         eprintln!("{name}");
         fuzz_checks::route_region(&router, &data);

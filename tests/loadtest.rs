@@ -5,8 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use sigrelay::loadtest::{self, Mode, Plan};
-use sigrelay::mock_gateway;
+use sigrelay::tools::loadtest::{self, Mode, Plan};
+use sigrelay::tools::mock_gateway;
 use support::*;
 
 fn plan(pki: &Pki, relay: &Relay, mode: Mode) -> Plan {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 use serde_json::Value;
-use sigrelay::mock_gateway::Mode;
+use sigrelay::tools::mock_gateway::Mode;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -184,7 +184,7 @@ async fn half_open_browser_is_found_by_missed_pongs() {
 #[tokio::test]
 async fn silent_gateway_is_found_by_missed_pongs() {
     let pki = Pki::new();
-    let silent = fault_gateway(Fault::TlsUpgradeThenSilent(pki.server_tls(&sigrelay::pki::twilio_names()))).await;
+    let silent = fault_gateway(Fault::TlsUpgradeThenSilent(pki.server_tls(&sigrelay::tools::pki::twilio_names()))).await;
     let mut relay = Relay::start(&pki, "ping_interval = \"200ms\"", "", &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{silent}\"")).await;
     let mut ws = RawWs::connect(&relay, &pki, "/au1/signaling").await;
     ws.send_text("hi").await;

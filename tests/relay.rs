@@ -5,7 +5,7 @@ mod support;
 
 use futures_util::SinkExt;
 use serde_json::Value;
-use sigrelay::mock_gateway::{token_sha256, Mode};
+use sigrelay::tools::mock_gateway::{token_sha256, Mode};
 use support::*;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -418,7 +418,7 @@ async fn upstream_timeout_names_the_phase() {
     assert!(r["error"].as_str().unwrap().contains("tls phase"), "{r}");
     assert_close(&frame, 1014, &r);
 
-    let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
     let stalls = fault_gateway(Fault::TlsThenSilent(tls)).await;
     let (_relay, r, _) = failing_upstream(
         &pki,
@@ -440,7 +440,7 @@ async fn upstream_tls_error_for_wrong_name_and_untrusted_certificate() {
     assert_close(&frame, 1014, &r);
 
     let other_ca = Pki::named("some other CA");
-    let untrusted = fault_gateway(Fault::TlsRespond(other_ca.server_tls(&sigrelay::pki::twilio_names()), "")).await;
+    let untrusted = fault_gateway(Fault::TlsRespond(other_ca.server_tls(&sigrelay::tools::pki::twilio_names()), "")).await;
     let (_relay, r, _) = failing_upstream(&pki, &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{untrusted}\""), "").await;
     assert_eq!(r["outcome"], "upstream_tls_error");
     assert!(r["error"].as_str().unwrap().to_lowercase().contains("issuer"), "{r}");
@@ -455,7 +455,7 @@ async fn upstream_rejected_with_its_status() {
         (500, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
         (503, "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"),
     ] {
-        let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+        let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
         let gw = fault_gateway(Fault::TlsRespond(tls, reply)).await;
         let (_relay, r, frame) = failing_upstream(&pki, &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{gw}\""), "").await;
         assert_eq!(r["outcome"], "upstream_rejected");
@@ -467,7 +467,7 @@ async fn upstream_rejected_with_its_status() {
 #[tokio::test]
 async fn upstream_protocol_error_for_a_bad_101() {
     let pki = Pki::new();
-    let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+    let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
     let reply = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n";
     let gw = fault_gateway(Fault::TlsRespond(tls, reply)).await;
     let (_relay, r, frame) = failing_upstream(&pki, &format!("[upstream.resolve]\n\"au1.vss.twilio.com\" = \"{gw}\""), "").await;
@@ -479,7 +479,7 @@ async fn upstream_protocol_error_for_a_bad_101() {
 #[tokio::test]
 async fn a_frame_sent_in_the_same_write_as_the_gateways_101_is_relayed() {
     let pki = Pki::new();
-    let gw = fault_gateway(Fault::TlsUpgradeThenGreet(pki.server_tls(&sigrelay::pki::twilio_names()))).await;
+    let gw = fault_gateway(Fault::TlsUpgradeThenGreet(pki.server_tls(&sigrelay::tools::pki::twilio_names()))).await;
     let mut relay = Relay::start(&pki, "", "", &resolve_all_to(gw)).await;
     let mut ws = RawWs::connect(&relay, &pki, "/au1/signaling").await;
     ws.send_text(&hello(&token("au1_valid_until_2100"))).await;

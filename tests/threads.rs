@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use sigrelay::mock_gateway::Mode;
+use sigrelay::tools::mock_gateway::Mode;
 use support::*;
 
 /// The relay's extra threads (named `sigrelay-<n>`) alive in this process.

@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 
 use serde_json::Value;
-use sigrelay::pki::TestCa;
+use sigrelay::tools::pki::TestCa;
 use support::*;
 
 fn sslyze() -> Option<String> {

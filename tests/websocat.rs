@@ -7,7 +7,7 @@ mod support;
 use std::process::Stdio;
 use std::time::Duration;
 
-use sigrelay::mock_gateway::Mode;
+use sigrelay::tools::mock_gateway::Mode;
 use support::*;
 use tokio::io::AsyncWriteExt;
 

@@ -1,3 +1,3 @@
 //! The first-message token reader, on any payload.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| sigrelay::fuzz_checks::first_frame_token(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| sigrelay::tools::fuzz_checks::first_frame_token(data));

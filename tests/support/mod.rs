@@ -12,8 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
-use sigrelay::mock_gateway::{self, Events, Mode};
-use sigrelay::pki::TestCa;
+use sigrelay::tools::mock_gateway::{self, Events, Mode};
+use sigrelay::tools::pki::TestCa;
 use sigrelay::{App, Config, Records};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -116,7 +116,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(pki: &Pki, mode: Mode) -> Gateway {
-        let tls = pki.server_tls(&sigrelay::pki::twilio_names());
+        let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();

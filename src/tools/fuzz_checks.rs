@@ -2,7 +2,7 @@
 //! (tests/fuzz_regressions.rs) replays saved inputs through exactly the same code.
 
 use crate::frame::{encode_frame, parse_close_payload, parse_header};
-use crate::routing::{PathMatch, Router};
+use crate::route::{self, PathMatch, Router};
 
 /// The first-message token reader never panics on any payload.
 pub fn first_frame_token(data: &[u8]) {
@@ -18,16 +18,15 @@ pub fn first_frame_token(data: &[u8]) {
 pub fn route_region(router: &Router, data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else { return };
     let (path, query) = s.split_once('?').map_or((s, None), |(p, q)| (p, Some(q)));
-    if let PathMatch::Route { index, region } = router.match_path(path) {
-        let entry = router.entry(index);
-        if let Some(r) = region {
-            assert!(router.is_allowed(r), "path region {r:?} is not allowed");
+    if let PathMatch::Route { region: Some(r), .. } = router.match_path(path) {
+        assert!(router.is_allowed(r), "path region {r:?} is not allowed");
+    }
+    if let Ok(request) = router.match_request(path, query) {
+        for r in [&request.path_region, &request.query_region].into_iter().flatten() {
+            assert!(router.is_allowed(r), "region {r:?} is not allowed");
         }
-        let query = Router::query_region(query).filter(|r| router.is_allowed(r));
-        if let Some(chosen) = entry.choose(region, query, Some(None)) {
-            let target = entry.target(&chosen.region).expect("chosen regions have targets");
-            assert!(target.host.ends_with(".twilio.com"), "{}", target.host);
-        }
+        let decision = route::decide(router.route(request.route), &request, false, None, 0);
+        assert!(decision.target.host.ends_with(".twilio.com"), "{}", decision.target.host);
     }
 }
 

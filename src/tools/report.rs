@@ -4,10 +4,49 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::SystemTime;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
+
+/// `sigrelay report`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Record files (JSON lines); none, or `-`, reads stdin.
+    files: Vec<PathBuf>,
+    /// Only records at or after this RFC 3339 time, or this long ago (e.g. `1h`).
+    #[arg(long, value_parser = parse_since)]
+    since: Option<SystemTime>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `sigrelay report`.
+pub fn main(args: Args) -> ExitCode {
+    super::exit("report", report(args).map(|()| true))
+}
+
+fn report(args: Args) -> anyhow::Result<()> {
+    let mut builder = Builder::new(args.since);
+    if args.files.is_empty() || args.files.iter().any(|f| f.as_os_str() == "-") {
+        builder.read(std::io::stdin().lock()).context("reading stdin")?;
+    }
+    for file in args.files.iter().filter(|f| f.as_os_str() != "-") {
+        let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        builder.read(BufReader::with_capacity(1 << 20, f)).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let report = builder.finish();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(())
+}
 
 /// The handshake phase times a report gives percentiles for.
 const PHASES: [&str; 6] = ["tls_ms", "upstream_dns_ms", "upstream_connect_ms", "upstream_tls_ms", "upstream_ws_ms", "total_ms"];

@@ -8,8 +8,12 @@
 //! token's presence, `twr` and SHA-256) and a `close` event.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -24,7 +28,77 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::tls;
 use crate::token;
+use crate::tools::pki;
+
+/// `sigrelay mock-gateway`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Listen address; port 0 picks a free port. The bound address is the first line on stdout.
+    #[arg(long, default_value = "127.0.0.1:9443")]
+    listen: SocketAddr,
+    /// Certificate chain (PEM). Without --cert/--key a throwaway CA and a certificate for the
+    /// Twilio host names are made, and the CA is written out for sigrelay's `ca_file`.
+    #[arg(long, requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// Where to write the throwaway CA (default: a new directory under the system temp dir).
+    #[arg(long, conflicts_with = "cert")]
+    ca_out: Option<PathBuf>,
+    /// `twilio` answers like Twilio's gateways; `echo` sends every message back.
+    #[arg(long, value_enum, default_value_t = Mode::Twilio)]
+    mode: Mode,
+}
+
+/// Runs `sigrelay mock-gateway` until SIGINT.
+pub fn main(args: Args) -> ExitCode {
+    super::exit("mock-gateway", run(args).map(|()| true))
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
+    let (certs, key) = match (&args.cert, &args.key) {
+        (Some(cert), Some(key)) => (tls::load_certs("--cert", cert)?, tls::load_key("--key", key)?),
+        _ => {
+            let ca = pki::TestCa::new("sigrelay mock-gateway CA")?;
+            let leaf = ca.leaf(&pki::twilio_names())?;
+            let ca_path = match args.ca_out.clone() {
+                Some(p) => p,
+                None => {
+                    let dir = std::env::temp_dir().join(format!("sigrelay-mock-gateway-{}", std::process::id()));
+                    std::fs::create_dir_all(&dir)?;
+                    dir.join("ca.pem")
+                }
+            };
+            std::fs::write(&ca_path, &ca.cert_pem).with_context(|| format!("writing {}", ca_path.display()))?;
+            eprintln!("mock-gateway: wrote its CA to {}; set [upstream] ca_file to it", ca_path.display());
+            use rustls_pki_types::pem::PemObject;
+            let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
+            (certs, key)
+        }
+    };
+    let tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        println!("{}", listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        serve(listener, Arc::new(tls), args.mode, Events::Stdout, shutdown).await;
+        anyhow::Ok(())
+    })
+}
 
 /// What the mock gateway does with messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

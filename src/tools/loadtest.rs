@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +28,94 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+
+/// `sigrelay loadtest`'s arguments.
+#[derive(clap::Args)]
+pub struct Args {
+    /// The relay URL, e.g. wss://127.0.0.1:8443/au1/signaling.
+    url: String,
+    /// idle: hold connections; churn: connect+TLS+upgrade+echo+close in a loop; echo: fixed-rate
+    /// numbered messages.
+    #[arg(long, value_enum, default_value_t = Mode::Echo)]
+    mode: Mode,
+    /// Connections (idle, echo), at most 100000.
+    #[arg(long, short = 'n', default_value_t = 100)]
+    connections: usize,
+    /// Connections opened at once (idle, echo) or workers (churn).
+    #[arg(long, short = 'c', default_value_t = 32)]
+    concurrency: usize,
+    /// Messages per second over all connections (echo).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Message size in bytes (echo, at least 16).
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// How long to run (churn, echo) or hold (idle); at most 10 minutes.
+    #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Local source addresses to spread connections over, e.g. 127.0.0.1,127.0.0.2.
+    #[arg(long, value_delimiter = ',')]
+    source_ip: Vec<IpAddr>,
+    /// PEM CA to trust for the relay's certificate (default: the public web roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Do not verify the relay's certificate.
+    #[arg(long, short = 'k')]
+    insecure: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Allow a target that is not on loopback: you are load-testing a deployment you run.
+    #[arg(long)]
+    allow_non_loopback: bool,
+}
+
+/// Runs `sigrelay loadtest`: exit 0 for a clean run (no errors, nothing lost, reordered or
+/// duplicated), 1 for a run that was not clean, 2 when it could not run.
+pub fn main(args: Args) -> ExitCode {
+    super::exit("loadtest", cli(args))
+}
+
+fn cli(args: Args) -> anyhow::Result<bool> {
+    use crate::tls;
+    target(&args.url, args.allow_non_loopback).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(args.connections <= MAX_CONNECTIONS, "--connections is at most {MAX_CONNECTIONS}");
+    anyhow::ensure!(args.duration <= MAX_DURATION, "--duration is at most 10m");
+    anyhow::ensure!(args.rate <= MAX_RATE, "--rate is at most {MAX_RATE}");
+    let tls = if args.insecure {
+        tls::probe_client_config()
+    } else {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        if let Some(ca) = &args.ca_file {
+            for cert in tls::load_certs("--ca-file", ca)? {
+                roots.add(cert)?;
+            }
+        }
+        tls::client_config_with_roots(roots)?
+    };
+    let plan = Plan {
+        url: args.url,
+        mode: args.mode,
+        connections: args.connections,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        size: args.size,
+        duration: args.duration,
+        source_ips: args.source_ip,
+        tls,
+        progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let report = rt.block_on(run(plan, |n| eprintln!("loadtest: holding {n} connections")));
+    let report = report.map_err(anyhow::Error::msg)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(report.clean())
+}
 
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

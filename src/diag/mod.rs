@@ -12,35 +12,36 @@
 //! - `POST /diag/api/probes`: the server-side probes of every configured gateway, run at most
 //!   once per [`PROBE_INTERVAL`] whoever asks; nothing in the request can name a host.
 
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{header, HeaderValue, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
+use tracing::Instrument;
 
-use crate::diagnose::{probe_all, Probe};
-use crate::handshake::{refuse_request, request_record, switching_protocols, validate_upgrade, ConnContext, Refusal, LIMIT_REACHED};
+use crate::app::{App, Current};
 use crate::limits::Permit;
 use crate::outcome::{close_code, Outcome, Side};
-use crate::records::{millis, CloseRecord, HandshakeRecord};
-use crate::routing::{PathMatch, Router};
-use crate::{App, Current};
+use crate::records::unix_now;
+use crate::respond::{self, Resp};
+use crate::route::{self, RouteRequest, Router};
+use crate::session::{Closing, PendingHandshake, Peer};
+use crate::upgrade::{self, Refusal};
 
-const INDEX_HTML: &str = include_str!("diag/index.html");
-const DIAG_JS: &str = include_str!("diag/diag.js");
-const DIAG_CSS: &str = include_str!("diag/diag.css");
+const INDEX_HTML: &str = include_str!("index.html");
+const DIAG_JS: &str = include_str!("diag.js");
+const DIAG_CSS: &str = include_str!("diag.css");
 
 /// The page may talk to sigrelay and, for the direct-path check, to Twilio's two default
 /// gateways; nothing else, and nothing inline.
@@ -58,37 +59,24 @@ const ECHO_LIFETIME: Duration = Duration::from_secs(30);
 /// The route name the echo endpoint's records carry.
 pub const ECHO_ROUTE: &str = "diag";
 
-/// The last probe run, shared by every page.
-#[derive(Default)]
-pub struct Diag {
-    last_run: std::sync::Mutex<Option<ProbeRun>>,
-}
-
-/// A probe run: when it started, and its results (with when it finished) once it has.
-struct ProbeRun {
-    started: Instant,
-    done: watch::Receiver<Option<(Instant, Arc<Vec<Probe>>)>>,
-}
-
 /// Whether a path belongs to the diagnostics page.
 pub fn owns(path: &str) -> bool {
     path == crate::config::DIAG_PREFIX || path.starts_with("/diag/")
 }
 
-type Resp = Response<Full<Bytes>>;
-
 fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CACHE_CONTROL, "no-store")
-        .header(header::CONTENT_SECURITY_POLICY, CSP)
-        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
-        .header(header::X_FRAME_OPTIONS, "DENY")
-        .header(header::REFERRER_POLICY, "no-referrer")
-        .header("cross-origin-resource-policy", "same-origin")
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
+    let mut resp = respond::response(status, content_type, body);
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::HeaderName::from_static("cross-origin-resource-policy"), "same-origin"),
+    ] {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    resp
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Resp {
@@ -96,8 +84,7 @@ fn json_response(status: StatusCode, value: &Value) -> Resp {
 }
 
 /// Answers a request under `/diag`. `client_addr` is the address records carry.
-pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Current>, client_addr: std::net::SocketAddr) -> Resp {
-    let app = &conn.app;
+pub async fn handle(req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current: Arc<Current>, client_addr: SocketAddr) -> Resp {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/diag" | "/diag/") => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
         (&Method::GET, "/diag/diag.js") => respond(StatusCode::OK, "text/javascript; charset=utf-8", DIAG_JS),
@@ -116,40 +103,11 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Cur
             if !req.headers().contains_key("x-sigrelay-diag") {
                 return json_response(StatusCode::FORBIDDEN, &json!({"error": "X-Sigrelay-Diag header required"}));
             }
-            let (age, probes) = app.diag.probes(app, &current).await;
+            let (age, probes) = app.probes.probes(&current.config, &app.connector, PROBE_INTERVAL).await;
             json_response(StatusCode::OK, &json!({"ran_s_ago": age.as_secs_f64(), "probes": &*probes}))
         }
-        (&Method::GET, "/diag/echo") => echo_upgrade(req, conn, &current, client_addr),
+        (&Method::GET, "/diag/echo") => echo_upgrade(req, app, peer, &current, client_addr),
         _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
-    }
-}
-
-impl Diag {
-    /// The results of the run started less than [`PROBE_INTERVAL`] ago, or of a new one, and how
-    /// long ago they were gathered. A run is its own task: a page that leaves cannot cancel it,
-    /// so runs start at most once per interval however requests come and go.
-    async fn probes(&self, app: &Arc<App>, current: &Current) -> (Duration, Arc<Vec<Probe>>) {
-        let mut done = {
-            let mut last = self.last_run.lock().unwrap();
-            match &*last {
-                Some(run) if run.started.elapsed() < PROBE_INTERVAL => run.done.clone(),
-                _ => {
-                    let (tx, rx) = watch::channel(None);
-                    let (app, config) = (app.clone(), current.config.clone());
-                    tokio::spawn(async move {
-                        let probes = probe_all(&config, &app.connector, None, None).await;
-                        let _ = tx.send(Some((Instant::now(), Arc::new(probes))));
-                    });
-                    *last = Some(ProbeRun { started: Instant::now(), done: rx.clone() });
-                    rx
-                }
-            }
-        };
-        let finished = done.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
-        match finished {
-            Some((at, probes)) => (at.elapsed(), probes),
-            None => (Duration::ZERO, Arc::new(Vec::new())),
-        }
     }
 }
 
@@ -178,104 +136,72 @@ fn info(current: &Current) -> Value {
 }
 
 /// What the relay would do with a connection on `path` (which may carry `?region=`) whose token
-/// names `token_region`: the same [`Router`] calls a real connection goes through.
+/// names `token_region`: the same routing calls a real connection goes through.
 pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Value {
     let (path, query) = match path.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (path, None),
     };
     let token_region = token_region.filter(|r| !r.is_empty());
-    let (index, path_region) = match router.match_path(path) {
-        PathMatch::Route { index, region } => (index, region),
-        PathMatch::NotFound => return json!({"ok": false, "error": format!("no route for {path}")}),
-        PathMatch::BadRegion => {
+    let request: RouteRequest = match router.match_request(path, query) {
+        Ok(r) => r,
+        Err(route::RouteError::NoRoute) => return json!({"ok": false, "error": format!("no route for {path}")}),
+        Err(route::RouteError::PathRegion) => {
             return json!({"ok": false, "error": format!("the region in {path} is not in the relay's allowed regions")})
         }
-    };
-    let entry = router.entry(index);
-    let query_region = if entry.uses(crate::routing::RegionSource::Query) {
-        match Router::query_region(query) {
-            Some(r) if !router.is_allowed(r) => {
-                return json!({"ok": false, "error": format!("region={r} in the query is not in the relay's allowed regions")})
-            }
-            r => r,
+        Err(route::RouteError::QueryRegion) => {
+            let r = route::query_region(query).unwrap_or_default();
+            return json!({"ok": false, "error": format!("region={r} in the query is not in the relay's allowed regions")});
         }
-    } else {
-        None
     };
-    let chosen = entry.choose(path_region, query_region, Some(token_region)).expect("the token region is given");
-    let gateway = entry.target(&chosen.region).map(|t| t.url.clone());
+    let route = router.route(request.route);
+    let token = token_region.map(|r| crate::token::TokenInfo { region: Some(r.to_string()), ..Default::default() });
+    let decision = route::decide(route, &request, token.is_some(), token.as_ref(), unix_now());
     json!({
         "ok": true,
-        "route": entry.route.name,
-        "region": chosen.region,
-        "source": chosen.source.as_str(),
-        "gateway": gateway,
+        "route": route.name,
+        "region": decision.region,
+        "source": decision.source.as_str(),
+        "gateway": decision.target.url,
         "token_region": token_region,
         "token_region_allowed": token_region.map(|r| router.is_allowed(r)),
-        "mismatch": token_region.map(|r| r != chosen.region),
+        "mismatch": token_region.map(|r| r != decision.region),
     })
 }
 
 /// Validates and answers the echo endpoint's upgrade; the session runs in its own task.
-fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: std::net::SocketAddr) -> Resp {
-    let app = &conn.app;
-    let started = Instant::now();
-    let mut record = request_record(&req, conn, client_addr);
-    record.route = Some(ECHO_ROUTE.into());
+fn echo_upgrade(mut req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current: &Current, client_addr: SocketAddr) -> Resp {
+    let mut pending = upgrade::pending(app, peer, client_addr, &req, Instant::now());
+    pending.record_mut().route = Some(ECHO_ROUTE.into());
     // No Origin allow-list here: the echo relays nothing, and the relay's own page must reach it
     // whatever origins the app is allowed.
-    if let Err(refusal) = validate_upgrade(&req, &[]) {
-        return refuse_request(app, record, &refusal, started);
+    if let Err(refusal) = upgrade::validate(&req, &[]) {
+        return upgrade::refuse(pending, refusal);
     }
-    let admitted = match app.limiter.admit(client_addr.ip()) {
-        Err(outcome) if outcome.refused_before_upgrade() => {
-            return refuse_request(app, record, &Refusal { outcome, why: LIMIT_REACHED }, started);
-        }
-        admitted => admitted,
+    let admission = match app.limiter.admit(client_addr.ip()) {
+        Err(Outcome::OverMaxConnections) => return upgrade::refuse(pending, Refusal::AtCapacity),
+        admission => admission,
     };
+    let span = tracing::info_span!("diag_echo", conn_id = %pending.conn_id());
     let upgrade = hyper::upgrade::on(&mut req);
     let timeout = current.config.server.handshake_timeout;
-    app.tracker.spawn(echo(app.clone(), upgrade, timeout, record, started, admitted));
-    switching_protocols(&req)
+    app.tracker.spawn(echo(app.clone(), upgrade, timeout, pending, admission).instrument(span));
+    upgrade::switching_protocols(&req)
 }
 
 /// The echo session: hello with the connection id, then every data message back, within
 /// [`ECHO_MAX_MESSAGES`] and [`ECHO_LIFETIME`].
-async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: HandshakeRecord, started: Instant, admitted: Result<Permit, Outcome>) {
-    let conn_id = record.conn_id.clone();
-    let io = match tokio::time::timeout(timeout, upgrade).await {
-        Ok(Ok(io)) => TokioIo::new(io),
-        failed => {
-            record.outcome = Some(if matches!(failed, Ok(Err(_))) { Outcome::ClientGone } else { Outcome::ClientTimeout });
-            record.error = Some("the 101 could not be delivered".into());
-            record.total_ms = Some(millis(started.elapsed()));
-            app.records.handshake(record);
-            return;
-        }
+async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, pending: PendingHandshake, admission: Result<Permit, Outcome>) {
+    let Some((pending, mut io)) = pending.upgraded(upgrade, timeout).await else { return };
+    let permit = match admission {
+        Ok(permit) => permit,
+        Err(outcome) => return pending.reject(&mut io, outcome, "over a limit").await,
     };
+    let session = pending.open(false, Some(permit));
+    let conn_id = session.conn_id().to_string();
     let config = WebSocketConfig::default().max_message_size(Some(ECHO_MAX_MESSAGE_SIZE)).max_frame_size(Some(ECHO_MAX_MESSAGE_SIZE));
     let mut ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-    record.total_ms = Some(millis(started.elapsed()));
-    let _permit = match admitted {
-        Ok(permit) => permit,
-        Err(outcome) => {
-            record.outcome = Some(outcome);
-            record.error = Some("over a limit".into());
-            app.records.handshake(record);
-            let frame = CloseFrame { code: CloseCode::from(close_code::TRY_AGAIN), reason: format!("{outcome} conn={conn_id}").into() };
-            let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
-            return;
-        }
-    };
-    record.outcome = Some(Outcome::Ok);
-    let mut close = CloseRecord {
-        conn_id: conn_id.clone(),
-        client_addr: record.client_addr,
-        route: record.route.clone(),
-        ..Default::default()
-    };
-    app.records.handshake(record);
+    let counters = session.counters();
 
     let hello = json!({"type": "hello", "conn_id": conn_id}).to_string();
     // Sends are bounded by the deadline too: a client that stops reading cannot hold the task.
@@ -294,14 +220,14 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: 
         tokio::select! {
             msg = ws.next() => match msg {
                 Some(Ok(msg @ (Message::Text(_) | Message::Binary(_)))) => {
-                    close.msgs_up += 1;
-                    close.bytes_up += msg.len() as u64;
-                    if close.msgs_up > ECHO_MAX_MESSAGES {
+                    let n = counters.msgs_up.fetch_add(1, Relaxed) + 1;
+                    counters.bytes_up.fetch_add(msg.len() as u64, Relaxed);
+                    if n > ECHO_MAX_MESSAGES {
                         ending = Some((Outcome::DiagLimit, Side::Relay, Some(close_code::POLICY), "diag echo: message limit".into()));
                         break;
                     }
-                    close.bytes_down += msg.len() as u64;
-                    close.msgs_down += 1;
+                    counters.bytes_down.fetch_add(msg.len() as u64, Relaxed);
+                    counters.msgs_down.fetch_add(1, Relaxed);
                     match tokio::time::timeout_at(deadline_at, ws.send(msg)).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => ending = gone(),
@@ -331,12 +257,7 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, mut record: 
         let frame = CloseFrame { code: CloseCode::from(code.unwrap_or(close_code::GOING_AWAY)), reason: reason.clone().into() };
         let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
     }
-    close.outcome = Some(outcome);
-    close.closed_by = Some(closed_by);
-    close.close_code = code;
-    close.close_reason = (!reason.is_empty()).then_some(reason);
-    close.duration_ms = millis(started.elapsed());
-    app.records.close(close);
+    session.finish(Closing { outcome, closed_by, close_code: code, close_reason: (!reason.is_empty()).then_some(reason) });
 }
 
 #[cfg(test)]

@@ -1,0 +1,125 @@
+//! The state every connection of one running relay shares, and the reload that replaces the
+//! parts of the configuration that may change while it runs.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::limits::Limiter;
+use crate::metrics::Metrics;
+use crate::probe::ProbeCache;
+use crate::records::Records;
+use crate::registry::Registry;
+use crate::route::Router;
+use crate::shutdown::Signals;
+use crate::tls::{self, CertStore, TlsError};
+use crate::upstream::Connector;
+
+/// The parts of the configuration a reload (SIGHUP) replaces: routes, regions, limits, origins.
+pub struct Current {
+    pub config: Config,
+    pub router: Router,
+}
+
+/// State shared by every connection of one running relay.
+pub struct App {
+    current: ArcSwap<Current>,
+    pub connector: Connector,
+    pub records: Records,
+    pub metrics: Arc<Metrics>,
+    pub registry: Registry,
+    pub shutdown: Signals,
+    /// Every connection and session task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    pub certs: Arc<CertStore>,
+    /// `None` when `[server] tls = false`.
+    pub tls: Option<TlsAcceptor>,
+    /// `[server] proxy_protocol` as started: like `tls`, it changes only with a restart.
+    pub proxy_protocol: bool,
+    pub limiter: Limiter,
+    /// The `/diag` page's last gateway probes.
+    pub probes: ProbeCache,
+    /// The admin listener's bound address, once it is listening.
+    pub admin_addr: OnceLock<SocketAddr>,
+    /// Set once every thread is accepting.
+    accepting: AtomicBool,
+}
+
+/// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
+/// accept, answer and record instead of failing `accept()`.
+const FD_RESERVE: u64 = 64;
+
+impl App {
+    /// Builds the shared state: TLS on both hops, routes, connector, limits.
+    pub fn new(config: Config, records: Records) -> Result<Arc<App>, TlsError> {
+        let certs = Arc::new(CertStore::load(&config)?);
+        let server_tls = tls::server_config(certs.clone())?;
+        let client_tls = tls::client_config(&config)?;
+        // Each relayed connection holds two descriptors.
+        let nofile = rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft).unwrap_or(1024);
+        // Each extra thread holds its own epoll, waker and copy of the listening socket.
+        let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
+        let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
+        Ok(Arc::new(App {
+            connector: Connector::new(&config, client_tls),
+            records,
+            metrics: Arc::default(),
+            registry: Registry::default(),
+            shutdown: Signals::default(),
+            tracker: TaskTracker::new(),
+            tls: config.server.tls.then(|| TlsAcceptor::from(server_tls)),
+            proxy_protocol: config.server.proxy_protocol,
+            certs,
+            limiter: Limiter::new(config.limits.clone(), derived_max),
+            probes: ProbeCache::default(),
+            admin_addr: OnceLock::new(),
+            accepting: AtomicBool::new(false),
+            current: ArcSwap::from_pointee(Current { router: Router::new(&config), config }),
+        }))
+    }
+
+    /// The configuration in force now. A connection keeps the one it started with.
+    pub fn current(&self) -> Arc<Current> {
+        self.current.load_full()
+    }
+
+    /// Puts a new configuration's routes, regions, limits, origins and certificates in force.
+    /// Listener settings (address, TLS on/off, PROXY protocol, admin) need a restart. On error
+    /// nothing changes.
+    pub fn reload(&self, config: Config) -> Result<(), TlsError> {
+        let old = self.current();
+        let (was, now) = (&old.config, &config);
+        let restart_only = [
+            ("server.listen", was.server.listen != now.server.listen),
+            ("server.tls", was.server.tls != now.server.tls),
+            ("server.proxy_protocol", was.server.proxy_protocol != now.server.proxy_protocol),
+            ("server.threads", was.server.threads != now.server.threads),
+            ("admin.listen", was.admin.listen != now.admin.listen),
+            ("upstream", was.upstream != now.upstream),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                tracing::warn!(key, "changed in the file but takes effect only after a restart");
+            }
+        }
+        self.certs.reload(&config)?;
+        self.limiter.update(config.limits.clone());
+        self.current.store(Arc::new(Current { router: Router::new(&config), config }));
+        Ok(())
+    }
+
+    /// Marks every thread as accepting: `/readyz` turns ready.
+    pub(crate) fn set_accepting(&self) {
+        self.accepting.store(true, Ordering::Release);
+    }
+
+    /// Whether `/readyz` says ready: every thread accepting, and not draining.
+    pub fn ready(&self) -> bool {
+        self.accepting.load(Ordering::Acquire) && !self.shutdown.drain.is_cancelled()
+    }
+}

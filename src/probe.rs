@@ -1,0 +1,130 @@
+//! Gateway probes: connect to every configured gateway (each route, each allowed region) the way
+//! the relay does, phase by phase. `/diag` shows them to users; `sigrelay diagnose` prints them.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Config;
+use crate::records::millis;
+use crate::upstream::{Connector, ForwardHeaders, Timings};
+
+/// One gateway probe.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    pub route: String,
+    pub region: String,
+    pub url: String,
+    pub ok: bool,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub dns_ms: Option<f64>,
+    pub proxy_ms: Option<f64>,
+    pub connect_ms: Option<f64>,
+    pub tls_ms: Option<f64>,
+    pub websocket_ms: Option<f64>,
+}
+
+/// Probes at most this many gateways at once.
+const CONCURRENCY: usize = 8;
+
+/// Probes every route and region, or only those matching the filters, in config order.
+pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&str>, region: Option<&str>) -> Vec<Probe> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut order = 0usize;
+    for r in &config.routes {
+        if route.is_some_and(|name| name != r.name) {
+            continue;
+        }
+        for code in &config.regions {
+            if region.is_some_and(|want| want != code) {
+                continue;
+            }
+            let target = r.targets[code].clone();
+            let (connector, gate, name, code) = (connector.clone(), gate.clone(), r.name.clone(), code.clone());
+            let at = order;
+            order += 1;
+            tasks.spawn(async move {
+                let _permit = gate.acquire_owned().await.expect("semaphore open");
+                let mut t = Timings::default();
+                let result = connector.connect(&target, &ForwardHeaders::default(), &mut t).await;
+                let (ok, outcome, error) = match result {
+                    Ok(mut c) => {
+                        let frame = crate::frame::close_frame(1000, "sigrelay diagnose", Some(rand::random()));
+                        let _ = c.io.write_all(&frame).await;
+                        let _ = c.io.shutdown().await;
+                        (true, "ok".to_string(), None)
+                    }
+                    Err(e) => (false, e.outcome().to_string(), Some(e.to_string())),
+                };
+                let probe = Probe {
+                    route: name,
+                    region: code,
+                    url: target.url.clone(),
+                    ok,
+                    outcome,
+                    error,
+                    dns_ms: t.dns.map(millis),
+                    proxy_ms: t.proxy.map(millis),
+                    connect_ms: t.connect.map(millis),
+                    tls_ms: t.tls.map(millis),
+                    websocket_ms: t.websocket.map(millis),
+                };
+                (at, probe)
+            });
+        }
+    }
+    let mut probes: Vec<(usize, Probe)> = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        probes.push(r.expect("probe task"));
+    }
+    probes.sort_by_key(|(at, _)| *at);
+    probes.into_iter().map(|(_, p)| p).collect()
+}
+
+/// Probe runs shared by every asker: a run starts at most once per `interval`, and askers in
+/// between get its results.
+#[derive(Default)]
+pub struct ProbeCache {
+    last_run: Mutex<Option<ProbeRun>>,
+}
+
+/// A probe run: when it started, and its results (with when it finished) once it has.
+struct ProbeRun {
+    started: Instant,
+    done: watch::Receiver<Option<(Instant, Arc<Vec<Probe>>)>>,
+}
+
+impl ProbeCache {
+    /// The results of the run started less than `interval` ago, or of a new one, and how long
+    /// ago they were gathered. A run is its own task: an asker that leaves cannot cancel it, so
+    /// runs start at most once per interval however requests come and go.
+    pub async fn probes(&self, config: &Config, connector: &Connector, interval: Duration) -> (Duration, Arc<Vec<Probe>>) {
+        let mut done = {
+            let mut last = self.last_run.lock().unwrap();
+            match &*last {
+                Some(run) if run.started.elapsed() < interval => run.done.clone(),
+                _ => {
+                    let (tx, rx) = watch::channel(None);
+                    let (config, connector) = (config.clone(), connector.clone());
+                    tokio::spawn(async move {
+                        let probes = probe_all(&config, &connector, None, None).await;
+                        let _ = tx.send(Some((Instant::now(), Arc::new(probes))));
+                    });
+                    *last = Some(ProbeRun { started: Instant::now(), done: rx.clone() });
+                    rx
+                }
+            }
+        };
+        let finished = done.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+        match finished {
+            Some((at, probes)) => (at.elapsed(), probes),
+            None => (Duration::ZERO, Arc::new(Vec::new())),
+        }
+    }
+}

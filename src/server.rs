@@ -1,0 +1,194 @@
+//! The relay as a library function: [`run`] serves an already-bound listener until shutdown, then
+//! drains in order (stop accepting, give live connections `drain_timeout`, close the rest with
+//! 1012, wait for them).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::Config;
+use crate::listener::Acceptors;
+use crate::records::Records;
+use crate::shutdown::FORCE_GRACE;
+use crate::tls::TlsError;
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("binding the admin listener on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("admin.token_file: {0}")]
+    AdminToken(std::io::Error),
+    #[error("starting the server.threads accept threads: {0}")]
+    Threads(std::io::Error),
+}
+
+/// Everything `sigrelay check-config` checks beyond the file itself: that the certificates and
+/// trust anchors load. Returns a one-line summary, or every problem.
+pub fn check(config: &Config) -> Result<String, Vec<String>> {
+    let mut problems = Vec::new();
+    let dev_pending = !config.server.cert.exists() && crate::config::is_dev_cert_path(&config.server.cert);
+    if !dev_pending {
+        if let Err(e) = crate::tls::CertStore::load(config) {
+            problems.push(e.to_string());
+        }
+    }
+    if let Err(e) = crate::tls::client_config(config) {
+        problems.push(e.to_string());
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    let note = if dev_pending { " (a self-signed dev certificate will be generated at start)" } else { "" };
+    Ok(format!("{} route(s), {} region(s){note}", config.routes.len(), config.regions.len()))
+}
+
+/// What `sigrelay run` does before binding: the throwaway dev certificate if one is due, loud
+/// warnings for setups only fit for testing, and the descriptor limit raised to the hard one.
+pub fn prepare(config: &Config) -> Result<(), TlsError> {
+    if crate::tls::ensure_dev_cert(&config.server.cert, &config.server.key)? {
+        tracing::warn!(
+            cert = %config.server.cert.display(),
+            "GENERATED A SELF-SIGNED CERTIFICATE FOR localhost. Browsers will not trust it. \
+             For anything but local testing, set [server] cert and key to a real certificate."
+        );
+    }
+    if !config.server.tls {
+        tracing::warn!(
+            "TLS IS OFF ([server] tls = false): serving plain HTTP. Only do this behind a load \
+             balancer that terminates TLS, on a network nobody else can reach."
+        );
+    }
+    // Each relayed connection holds two descriptors; take all the kernel allows.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(nofile = n, "file-descriptor limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the file-descriptor limit"),
+    }
+    Ok(())
+}
+
+/// How often certificate files are checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(1);
+
+/// How long the records writer gets to flush at exit.
+const RECORDS_FLUSH: Duration = Duration::from_secs(5);
+
+/// Runs the relay with records on stdout until `shutdown` resolves, putting each configuration
+/// `reloads` yields in force (see [`App::reload`]): the entry point `sigrelay run` uses.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut reloads: mpsc::Receiver<Config>,
+) -> Result<(), StartError> {
+    let (records, writer) = Records::stdout();
+    let app = App::new(config, records)?;
+    let reloader = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            while let Some(config) = reloads.recv().await {
+                // File reads and key parsing stay off this thread, which also serves connections.
+                let app = app.clone();
+                match tokio::task::spawn_blocking(move || app.reload(config)).await.expect("reload does not panic") {
+                    Ok(()) => tracing::info!("configuration reloaded"),
+                    Err(e) => tracing::error!("reload rejected, running configuration kept: {e}"),
+                }
+            }
+        })
+    };
+    let served = serve(app.clone(), listener, shutdown).await;
+    reloader.abort();
+    drop(app);
+    // The writer thread ends once every Records handle is gone; a task still stuck after the
+    // forced close must not keep the process alive.
+    let _ = tokio::time::timeout(RECORDS_FLUSH, tokio::task::spawn_blocking(|| writer.finish())).await;
+    served
+}
+
+/// Serves on an already-bound listener until `shutdown` resolves, then drains: stops accepting
+/// (`/readyz` turns 503), gives live connections `drain_timeout`, closes the rest with 1012
+/// spread over `drain_jitter`, and returns.
+pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let background = CancellationToken::new();
+    let mut helpers = Vec::new();
+    let current = app.current();
+    if let Some(addr) = current.config.admin.listen {
+        let admin = TcpListener::bind(addr).await.map_err(|source| StartError::Admin { addr, source })?;
+        let bound = admin.local_addr().map_err(|source| StartError::Admin { addr, source })?;
+        let _ = app.admin_addr.set(bound);
+        tracing::info!(admin = %bound, "admin listener up (/metrics, /connections, /readyz)");
+        let token = match &current.config.admin.token_file {
+            Some(f) => Some(std::fs::read_to_string(f).map_err(StartError::AdminToken)?.trim().to_string()),
+            None => None,
+        };
+        helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), token, background.clone())));
+    }
+    helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
+    let threads = current.config.server.threads;
+    let mut accepting = match Acceptors::start(listener, app.clone(), threads).await {
+        Ok(a) => a,
+        Err(e) => {
+            background.cancel();
+            return Err(StartError::Threads(e));
+        }
+    };
+    app.set_accepting();
+    shutdown.await;
+    drain(&app, &mut accepting).await;
+    accepting.join().await;
+    background.cancel();
+    for h in helpers {
+        let _ = h.await;
+    }
+    Ok(())
+}
+
+/// The shutdown sequence; returns when every connection task has ended (or the grace ran out).
+async fn drain(app: &App, accepting: &mut Acceptors) {
+    app.shutdown.drain.cancel();
+    accepting.stopped().await;
+    app.tracker.close();
+    let drain_timeout = app.current().config.server.drain_timeout;
+    let live = app.registry.len();
+    if live > 0 {
+        tracing::info!(live, ?drain_timeout, "draining live connections");
+    }
+    if tokio::time::timeout(drain_timeout, app.tracker.wait()).await.is_err() {
+        tracing::info!(live = app.registry.len(), "drain timeout reached; closing the rest with 1012");
+        app.shutdown.close.cancel();
+        if tokio::time::timeout(FORCE_GRACE, app.tracker.wait()).await.is_err() {
+            tracing::warn!(tasks = app.tracker.len(), "connections still open after the forced close");
+        }
+    }
+}
+
+/// Certificate files checked for changes; idle rate-limit buckets forgotten.
+async fn background_chores(app: Arc<App>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CERT_POLL);
+    let mut ticks = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        ticks += 1;
+        // File reads and key parsing stay off this thread, which also serves connections.
+        let (certs, current) = (app.certs.clone(), app.current());
+        match tokio::task::spawn_blocking(move || certs.reload(&current.config)).await.expect("the reload check does not panic") {
+            Ok(true) => tracing::info!("certificate files changed; new handshakes use the new certificates"),
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; keeping the ones in service"),
+        }
+        if ticks % 60 == 0 {
+            app.limiter.sweep();
+        }
+    }
+}
