@@ -4,44 +4,80 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{header, Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::config::AdminSettings;
 use crate::request::readyz;
 use crate::respond::{self, response as respond, text, Resp};
 
+/// Admin connections open at once, at most; more are closed as they are accepted.
+const MAX_CONNECTIONS: usize = 64;
+/// Bound on reading each request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a connection's whole life (a scraper reconnects; a silent client cannot stay).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves the admin endpoints until `stop` fires.
-pub async fn serve(listener: TcpListener, app: Arc<App>, token: Option<String>, stop: CancellationToken) {
+pub async fn serve(listener: TcpListener, app: Arc<App>, settings: AdminSettings, token: Option<String>, stop: CancellationToken) {
     let token: Option<Arc<str>> = token.map(Arc::from);
+    let host_names: Arc<[String]> = settings.host_names.into();
+    let gate = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = stop.cancelled() => return,
         };
-        let (app, token) = (app.clone(), token.clone());
+        let Ok(permit) = gate.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "admin connection refused: too many open");
+            continue;
+        };
+        let (app, token, host_names, stop) = (app.clone(), token.clone(), host_names.clone(), stop.clone());
         tokio::spawn(async move {
-            let svc = service_fn(move |req| handle(req, app.clone(), token.clone()));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            let _permit = permit;
+            let svc = service_fn(move |req| handle(req, app.clone(), token.clone(), host_names.clone()));
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            tokio::select! {
+                _ = http.serve_connection(TokioIo::new(tcp), svc) => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                _ = stop.cancelled() => {}
+            }
         });
     }
 }
 
-async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>) -> Result<Resp, Infallible> {
+/// Whether the request's Host is one the admin listener answers to: an IP literal, `localhost`,
+/// or a configured name. A page on another site that rebinds its own name to this address
+/// sends its own name, and is turned away.
+fn host_allowed(headers: &http::HeaderMap, names: &[String]) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else { return false };
+    let Ok(authority) = host.parse::<http::uri::Authority>() else { return false };
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    host.parse::<std::net::IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost") || names.iter().any(|n| n.eq_ignore_ascii_case(host))
+}
+
+async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>, host_names: Arc<[String]>) -> Result<Resp, Infallible> {
     let path = req.uri().path();
     let method = req.method();
+    if !host_allowed(req.headers(), &host_names) {
+        return Ok(text(StatusCode::MISDIRECTED_REQUEST, "this Host is not served here: add it to [admin] host_names\n"));
+    }
     if method == Method::GET && path == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n"));
     }

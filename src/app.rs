@@ -50,13 +50,28 @@ pub struct App {
     accepting: AtomicBool,
 }
 
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("upstream DNS: {0}")]
+    Dns(String),
+    #[error("binding the admin listener on {addr}: {source}")]
+    Admin { addr: SocketAddr, source: std::io::Error },
+    #[error("admin.token_file: {0}")]
+    AdminToken(std::io::Error),
+    #[error("starting the server.threads accept threads: {0}")]
+    Threads(std::io::Error),
+}
+
 /// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
 /// accept, answer and record instead of failing `accept()`.
 const FD_RESERVE: u64 = 64;
 
 impl App {
     /// Builds the shared state: TLS on both hops, routes, connector, limits.
-    pub fn new(config: Config, records: Records) -> Result<Arc<App>, TlsError> {
+    pub fn new(config: Config, records: Records) -> Result<Arc<App>, StartError> {
         let certs = Arc::new(CertStore::load(&config)?);
         let server_tls = tls::server_config(certs.clone())?;
         let client_tls = tls::client_config(&config)?;
@@ -65,10 +80,11 @@ impl App {
         // Each extra thread holds its own epoll, waker and copy of the listening socket.
         let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
         let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
+        let metrics = Arc::new(Metrics::new(records.dropped_counter()));
         Ok(Arc::new(App {
-            connector: Connector::new(&config, client_tls),
+            connector: Connector::new(&config, client_tls).map_err(StartError::Dns)?,
             records,
-            metrics: Arc::default(),
+            metrics,
             registry: Registry::default(),
             shutdown: Signals::default(),
             tracker: TaskTracker::new(),

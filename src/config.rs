@@ -55,6 +55,9 @@ pub struct ServerSettings {
     pub proxy_protocol: bool,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Peers whose PROXY protocol header is believed (default: `trusted_proxies`); others are
+    /// refused when `proxy_protocol` is on.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
     /// Origins allowed to open WebSockets; empty allows all.
     pub allowed_origins: Vec<OriginPattern>,
     /// Terminate TLS (the default). `false` serves plain HTTP behind a TLS-terminating balancer.
@@ -90,6 +93,11 @@ pub struct AdminSettings {
     pub listen: Option<SocketAddr>,
     /// A file holding the bearer token the admin endpoints require.
     pub token_file: Option<PathBuf>,
+    /// Host names the admin listener answers to, beside IP literals and `localhost` (which is
+    /// all a DNS-rebinding page cannot send).
+    pub host_names: Vec<String>,
+    /// Serve a non-loopback admin address without `token_file`: only behind a network policy.
+    pub allow_unauthenticated: bool,
 }
 
 /// `[limits]`.
@@ -100,6 +108,8 @@ pub struct Limits {
     pub max_connections_per_ip: usize,
     pub handshakes_per_ip_per_s: f64,
     pub handshake_burst: f64,
+    /// IPv6 clients are counted by this prefix (a host usually gets a whole /64).
+    pub ipv6_prefix: u8,
 }
 
 /// An `allowed_origins` entry: `https://app.example.com`, `https://*.example.com` or `*`.
@@ -175,8 +185,10 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Host name to address overrides, like curl's `--resolve`.
     pub resolve: BTreeMap<String, SocketAddr>,
-    /// Whether hosts missing from `resolve` are looked up in the system's DNS.
+    /// Whether hosts missing from `resolve` are looked up in DNS.
     pub system_dns: bool,
+    /// The DNS servers to ask; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
     /// An HTTP CONNECT proxy for gateway connections: `(host, port)`.
     pub proxy: Option<(String, u16)>,
 }
@@ -322,6 +334,7 @@ struct RawServer {
     ping_interval: Option<String>,
     idle_timeout: Option<String>,
     proxy_protocol: Option<bool>,
+    proxy_protocol_from: Option<Vec<String>>,
     trusted_proxies: Vec<String>,
     allowed_origins: Vec<String>,
     tls: Option<bool>,
@@ -341,6 +354,8 @@ struct RawCertPair {
 struct RawAdmin {
     listen: Option<String>,
     token_file: Option<String>,
+    host_names: Vec<String>,
+    allow_unauthenticated: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -356,6 +371,7 @@ struct RawLimits {
     max_connections_per_ip: Option<i64>,
     handshakes_per_ip_per_s: Option<f64>,
     handshake_burst: Option<f64>,
+    ipv6_prefix: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -365,6 +381,7 @@ struct RawUpstream {
     connect_timeout: Option<String>,
     resolve: BTreeMap<String, String>,
     system_dns: Option<bool>,
+    dns_servers: Vec<String>,
     proxy: Option<String>,
 }
 
@@ -552,18 +569,11 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         ping_interval: c.optional_duration("server.ping_interval", s.ping_interval.as_deref(), Some(Duration::from_secs(20))),
         idle_timeout: c.optional_duration("server.idle_timeout", s.idle_timeout.as_deref(), None),
         proxy_protocol: s.proxy_protocol.unwrap_or(false),
-        trusted_proxies: s
-            .trusted_proxies
-            .iter()
-            .enumerate()
-            .filter_map(|(i, cidr)| match parse_cidr(cidr) {
-                Ok(net) => Some(net),
-                Err(()) => {
-                    c.problem(format!("server.trusted_proxies[{i}]"), format!("{cidr:?} is not an address or CIDR like 10.0.0.0/8"));
-                    None
-                }
-            })
-            .collect(),
+        trusted_proxies: cidrs(&mut c, "server.trusted_proxies", &s.trusted_proxies),
+        proxy_protocol_from: match &s.proxy_protocol_from {
+            Some(list) => cidrs(&mut c, "server.proxy_protocol_from", list),
+            None => cidrs(&mut Checker { problems: &mut Vec::new() }, "", &s.trusted_proxies),
+        },
         allowed_origins: s
             .allowed_origins
             .iter()
@@ -602,6 +612,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             .collect(),
     };
 
+    if server.proxy_protocol && server.proxy_protocol_from.is_empty() {
+        c.problem(
+            "server.proxy_protocol_from",
+            "proxy_protocol is on but no balancer is listed: set proxy_protocol_from (or trusted_proxies) to the load balancers' addresses or CIDRs, e.g. [\"10.0.0.0/8\"]",
+        );
+    }
     let admin = RawAdmin::validate(raw.admin, &mut c);
     let diag = DiagSettings { enabled: raw.diag.enabled.unwrap_or(true) };
     let limits = RawLimits::validate(raw.limits, &mut c);
@@ -633,6 +649,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
         ),
         resolve,
         system_dns: u.system_dns.unwrap_or(true),
+        dns_servers: u
+            .dns_servers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| match d.parse::<SocketAddr>().or_else(|_| d.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53))) {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    c.problem(format!("upstream.dns_servers[{i}]"), format!("{d:?} is not an address like \"10.0.0.2\" or \"10.0.0.2:53\""));
+                    None
+                }
+            })
+            .collect(),
         proxy: u.proxy.as_deref().and_then(|p| match parse_proxy(p) {
             Ok(hp) => Some(hp),
             Err(why) => {
@@ -751,7 +779,23 @@ impl RawAdmin {
                 Err(e) => c.problem("admin.token_file", format!("{}: {e}", f.display())),
             }
         }
-        AdminSettings { listen, token_file }
+        let host_names: Vec<String> = self.host_names.iter().map(|h| h.to_ascii_lowercase()).collect();
+        for (i, h) in host_names.iter().enumerate() {
+            if !is_host_name(h) {
+                c.problem(format!("admin.host_names[{i}]"), format!("{h:?} is not a host name"));
+            }
+        }
+        let allow_unauthenticated = self.allow_unauthenticated.unwrap_or(false);
+        if listen.is_some_and(|a| !a.ip().is_loopback()) && token_file.is_none() && !allow_unauthenticated {
+            c.problem(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address and admin.token_file is not set: anyone who reaches it could list and close connections. Set token_file, or allow_unauthenticated = true if a network policy guards it",
+                    listen.expect("checked above")
+                ),
+            );
+        }
+        AdminSettings { listen, token_file, host_names, allow_unauthenticated }
     }
 }
 
@@ -780,8 +824,30 @@ impl RawLimits {
             max_connections_per_ip,
             handshakes_per_ip_per_s: rate("limits.handshakes_per_ip_per_s", self.handshakes_per_ip_per_s, 200.0),
             handshake_burst: rate("limits.handshake_burst", self.handshake_burst, 1000.0),
+            ipv6_prefix: match self.ipv6_prefix {
+                None => 64,
+                Some(n) if (1..=128).contains(&n) => n as u8,
+                Some(n) => {
+                    c.problem("limits.ipv6_prefix", format!("{n} is outside 1..=128"));
+                    64
+                }
+            },
         }
     }
+}
+
+/// A list of addresses or CIDRs, each problem reported with its index.
+fn cidrs(c: &mut Checker, key: &str, list: &[String]) -> Vec<ipnet::IpNet> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, cidr)| match parse_cidr(cidr) {
+            Ok(net) => Some(net),
+            Err(()) => {
+                c.problem(format!("{key}[{i}]"), format!("{cidr:?} is not an address or CIDR like 10.0.0.0/8"));
+                None
+            }
+        })
+        .collect()
 }
 
 /// An address (`10.1.2.3`) or CIDR (`10.0.0.0/8`).

@@ -85,6 +85,38 @@ pub enum FrameError {
     Masking,
     #[error("data frame out of sequence (continuation without a start, or a new message inside one)")]
     Sequence,
+    #[error("close frame with a 1-byte payload")]
+    CloseLength,
+    #[error("close code {0} is not one an endpoint may send")]
+    CloseCode(u16),
+    #[error("close reason is not valid UTF-8")]
+    CloseReason,
+}
+
+/// Whether an endpoint may send `code` in a close frame (RFC 6455 §7.4, and the IANA registry
+/// for 1012–1014): 1000–1003, 1007–1014 and 3000–4999. 1004–1006 and 1015 are reserved or only
+/// for reporting, the rest of 1000–2999 is unassigned, and nothing else is a close code.
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Checks an (already unmasked) close payload: empty, or a code an endpoint may send followed
+/// by a UTF-8 reason.
+pub fn check_close_payload(payload: &[u8]) -> Result<(), FrameError> {
+    match payload.len() {
+        0 => Ok(()),
+        1 => Err(FrameError::CloseLength),
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code_allowed(code) {
+                return Err(FrameError::CloseCode(code));
+            }
+            if !crate::utf8::is_valid(&payload[2..]) {
+                return Err(FrameError::CloseReason);
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Parses the frame header at the start of `buf`. `Ok(None)` means more bytes are needed.
@@ -139,8 +171,17 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, FrameError> {
 
 /// XORs `data` with the masking key; `offset` is the position of `data[0]` within the payload.
 pub fn apply_mask(data: &mut [u8], key: [u8; 4], offset: usize) {
-    for (i, b) in data.iter_mut().enumerate() {
-        *b ^= key[(offset + i) & 3];
+    let mut key = key;
+    key.rotate_left(offset & 3);
+    // Eight bytes at a time: the key repeats every four, so every word sees it from its start.
+    let word = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let mut words = data.chunks_exact_mut(8);
+    for w in &mut words {
+        let v = u64::from_ne_bytes(<[u8; 8]>::try_from(&*w).expect("chunks of 8")) ^ word;
+        w.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in words.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i & 3];
     }
 }
 
@@ -167,6 +208,13 @@ pub fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], mask: Opt
     } else {
         out.extend_from_slice(payload);
     }
+}
+
+/// A close frame without a code (answering a close that had none).
+pub fn empty_close_frame(mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(MAX_HEADER_LEN);
+    encode_frame(&mut out, OpCode::Close, &[], mask);
+    out
 }
 
 /// Builds a close frame; the reason is cut at a character boundary to fit the 123-byte limit.
@@ -238,6 +286,34 @@ mod tests {
         let mut huge = vec![0x82, 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(parse_header(&huge), Err(FrameError::LengthOverflow));
+    }
+
+    #[test]
+    fn masks_at_any_offset_and_length() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        for len in 0..40 {
+            for offset in 0..9 {
+                let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+                let mut fast = data.clone();
+                apply_mask(&mut fast, key, offset);
+                let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[(offset + i) & 3]).collect();
+                assert_eq!(fast, slow, "len {len} offset {offset}");
+            }
+        }
+    }
+
+    #[test]
+    fn close_payloads_are_checked() {
+        assert_eq!(check_close_payload(b""), Ok(()));
+        assert_eq!(check_close_payload(b"\x03"), Err(FrameError::CloseLength));
+        for ok in [1000u16, 1003, 1007, 1011, 1012, 1014, 3000, 4999] {
+            assert_eq!(check_close_payload(&ok.to_be_bytes()), Ok(()), "{ok}");
+        }
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            assert_eq!(check_close_payload(&bad.to_be_bytes()), Err(FrameError::CloseCode(bad)), "{bad}");
+        }
+        assert_eq!(check_close_payload(b"\x03\xe8ok \xce\xba"), Ok(()));
+        assert_eq!(check_close_payload(b"\x03\xe8\xed\xa0\x80"), Err(FrameError::CloseReason));
     }
 
     #[test]

@@ -1,5 +1,10 @@
 //! Connection limits: in total, per client address, and a per-address handshake rate (token
-//! bucket). Counted connections are held by drop guards.
+//! bucket). Every accepted connection counts from its accept to its end, whether it is still in
+//! its TLS handshake, sending requests, or relayed; the count is held by a drop guard.
+//!
+//! Addresses are counted by [`key`]: IPv4 by address, IPv6 by its `ipv6_prefix` (a host usually
+//! has a whole /64, so counting single addresses would give it a fresh allowance per address),
+//! and IPv4-mapped IPv6 as the IPv4 address it is.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,23 +33,59 @@ struct Bucket {
     at: Instant,
 }
 
-/// One counted connection; released when dropped.
+/// The address a client is counted under: IPv4 (also IPv4-mapped IPv6) as is, IPv6 by its
+/// `/prefix`.
+pub fn key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => ipnet::Ipv6Net::new(v6, ipv6_prefix).map(|n| IpAddr::V6(n.network())).unwrap_or(ip),
+        },
+    }
+}
+
+/// One connection's place under the limits, released when dropped.
 #[must_use = "the connection is uncounted when the permit is dropped"]
+#[derive(Debug)]
 pub struct Permit {
     total: Arc<AtomicUsize>,
     per_ip: Arc<DashMap<IpAddr, usize>>,
-    ip: IpAddr,
+    /// The key the connection is counted under, if it is counted per address.
+    counted: Option<IpAddr>,
+    over_total: bool,
+    over_per_ip: bool,
+}
+
+impl Permit {
+    /// The limit the connection is over, if any: then it is refused (503 for the total, which
+    /// guards the descriptor budget; a 1013 close for the per-address limit).
+    pub fn over(&self) -> Option<Outcome> {
+        if self.over_total {
+            Some(Outcome::OverMaxConnections)
+        } else if self.over_per_ip {
+            Some(Outcome::OverMaxConnectionsPerIp)
+        } else {
+            None
+        }
+    }
+
+    fn uncount_address(&mut self) {
+        if let Some(ip) = self.counted.take() {
+            if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(ip) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         self.total.fetch_sub(1, Ordering::Relaxed);
-        if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(self.ip) {
-            *e.get_mut() -= 1;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
+        self.uncount_address();
     }
 }
 
@@ -65,36 +106,62 @@ impl Limiter {
         *self.limits.lock().unwrap() = limits;
     }
 
+    fn limits(&self) -> Limits {
+        self.limits.lock().unwrap().clone()
+    }
+
     /// The total limit in force.
     pub fn max_connections(&self) -> usize {
         self.limits.lock().unwrap().max_connections.unwrap_or(self.derived_max)
     }
 
-    /// Admits a handshake from `ip`, or says which limit it is over.
-    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Outcome> {
-        let limits = self.limits.lock().unwrap().clone();
-        if !self.take_token(ip, &limits) {
-            return Err(Outcome::OverHandshakeRate);
-        }
+    /// Counts a connection just accepted from `ip` (the TCP peer, or the address its PROXY
+    /// header gave). `by_address` is false for a trusted proxy's own address: its clients are
+    /// counted once a request names them ([`Limiter::attribute`]). A connection over a limit is
+    /// counted too, for as long as it holds its descriptor.
+    pub fn connection(&self, ip: IpAddr, by_address: bool) -> Permit {
+        let limits = self.limits();
         let max_total = limits.max_connections.unwrap_or(self.derived_max);
-        if self.total.fetch_add(1, Ordering::Relaxed) >= max_total {
-            self.total.fetch_sub(1, Ordering::Relaxed);
-            return Err(Outcome::OverMaxConnections);
+        let over_total = self.total.fetch_add(1, Ordering::Relaxed) >= max_total;
+        let mut permit = Permit {
+            total: self.total.clone(),
+            per_ip: self.per_ip.clone(),
+            counted: None,
+            over_total,
+            over_per_ip: false,
+        };
+        if by_address {
+            self.count_address(&mut permit, ip, &limits);
         }
-        let mut count = self.per_ip.entry(ip).or_insert(0);
-        if *count >= limits.max_connections_per_ip {
-            drop(count);
-            self.total.fetch_sub(1, Ordering::Relaxed);
-            return Err(Outcome::OverMaxConnectionsPerIp);
-        }
-        *count += 1;
-        drop(count);
-        Ok(Permit { total: self.total.clone(), per_ip: self.per_ip.clone(), ip })
+        permit
     }
 
-    fn take_token(&self, ip: IpAddr, limits: &Limits) -> bool {
+    /// Counts `permit`'s connection under `ip` instead of where it was: the client a trusted
+    /// proxy's request names.
+    pub fn attribute(&self, permit: &mut Permit, ip: IpAddr) {
+        let limits = self.limits();
+        if permit.counted == Some(key(ip, limits.ipv6_prefix)) {
+            return;
+        }
+        permit.uncount_address();
+        self.count_address(permit, ip, &limits);
+    }
+
+    fn count_address(&self, permit: &mut Permit, ip: IpAddr, limits: &Limits) {
+        let k = key(ip, limits.ipv6_prefix);
+        let mut count = self.per_ip.entry(k).or_insert(0);
+        permit.over_per_ip = *count >= limits.max_connections_per_ip;
+        *count += 1;
+        permit.counted = Some(k);
+    }
+
+    /// Takes one token from `ip`'s handshake bucket; false when it is empty. Every request that
+    /// writes a handshake record takes one, refused or not.
+    pub fn handshake(&self, ip: IpAddr) -> bool {
+        let limits = self.limits();
         let now = Instant::now();
-        let mut b = self.buckets.entry(ip).or_insert(Bucket { tokens: limits.handshake_burst, at: now });
+        let initial = Bucket { tokens: limits.handshake_burst, at: now };
+        let mut b = self.buckets.entry(key(ip, limits.ipv6_prefix)).or_insert(initial);
         let refill = now.duration_since(b.at).as_secs_f64() * limits.handshakes_per_ip_per_s;
         b.tokens = (b.tokens + refill).min(limits.handshake_burst);
         b.at = now;
@@ -108,14 +175,14 @@ impl Limiter {
 
     /// Forgets buckets that have refilled, so idle addresses cost nothing. Called periodically.
     pub fn sweep(&self) {
-        let limits = self.limits.lock().unwrap().clone();
+        let limits = self.limits();
         let now = Instant::now();
         self.buckets.retain(|_, b| {
             b.tokens + now.duration_since(b.at).as_secs_f64() * limits.handshakes_per_ip_per_s < limits.handshake_burst
         });
     }
 
-    /// Relayed connections counted now.
+    /// Connections counted now.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::Relaxed)
     }
@@ -126,7 +193,13 @@ mod tests {
     use super::*;
 
     fn limits(total: Option<usize>, per_ip: usize, rate: f64, burst: f64) -> Limits {
-        Limits { max_connections: total, max_connections_per_ip: per_ip, handshakes_per_ip_per_s: rate, handshake_burst: burst }
+        Limits {
+            max_connections: total,
+            max_connections_per_ip: per_ip,
+            handshakes_per_ip_per_s: rate,
+            handshake_burst: burst,
+            ipv6_prefix: 64,
+        }
     }
 
     #[test]
@@ -134,23 +207,54 @@ mod tests {
         let l = Limiter::new(limits(Some(3), 2, 1000.0, 1000.0), 100);
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
-        let p1 = l.admit(a).unwrap();
-        let _p2 = l.admit(a).unwrap();
-        assert_eq!(l.admit(a).err(), Some(Outcome::OverMaxConnectionsPerIp));
-        let _p3 = l.admit(b).unwrap();
-        assert_eq!(l.admit(b).err(), Some(Outcome::OverMaxConnections));
+        let p1 = l.connection(a, true);
+        let p2 = l.connection(a, true);
+        assert_eq!((p1.over(), p2.over()), (None, None));
+        let p3 = l.connection(a, true);
+        assert_eq!(p3.over(), Some(Outcome::OverMaxConnectionsPerIp));
+        drop(p3);
+        let p4 = l.connection(b, true);
+        assert_eq!(p4.over(), None);
+        assert_eq!(l.connection(b, true).over(), Some(Outcome::OverMaxConnections));
         drop(p1);
-        let _p4 = l.admit(b).unwrap();
+        let p5 = l.connection(b, true);
+        assert_eq!(p5.over(), None);
         assert_eq!(l.total(), 3);
+    }
+
+    #[test]
+    fn a_trusted_proxys_connections_count_under_the_clients_they_name() {
+        let l = Limiter::new(limits(None, 1, 1000.0, 1000.0), 100);
+        let proxy: IpAddr = [10, 0, 0, 9].into();
+        let mut p1 = l.connection(proxy, false);
+        let mut p2 = l.connection(proxy, false);
+        assert_eq!((p1.over(), p2.over()), (None, None), "the proxy's own address is not limited");
+        l.attribute(&mut p1, "203.0.113.7".parse().unwrap());
+        l.attribute(&mut p2, "203.0.113.7".parse().unwrap());
+        assert_eq!((p1.over(), p2.over()), (None, Some(Outcome::OverMaxConnectionsPerIp)));
+        l.attribute(&mut p2, "203.0.113.8".parse().unwrap());
+        assert_eq!(p2.over(), None, "re-attributed to a client with room");
+    }
+
+    #[test]
+    fn ipv6_counts_by_prefix_and_mapped_ipv4_as_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(key(ip("2001:db8::1"), 64), key(ip("2001:db8::ffff:1"), 64));
+        assert_ne!(key(ip("2001:db8::1"), 64), key(ip("2001:db8:0:1::1"), 64));
+        assert_eq!(key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(key(ip("::ffff:10.0.0.1"), 64), ip("10.0.0.1"));
+        let l = Limiter::new(limits(None, 1, 1000.0, 1000.0), 100);
+        let _a = l.connection(ip("2001:db8::1"), true);
+        assert_eq!(l.connection(ip("2001:db8::2"), true).over(), Some(Outcome::OverMaxConnectionsPerIp));
+        assert_eq!(l.connection(ip("2001:db8:0:1::2"), true).over(), None);
     }
 
     #[test]
     fn token_bucket_limits_bursts() {
         let l = Limiter::new(limits(None, 100, 1.0, 3.0), 100);
         let a: IpAddr = [10, 0, 0, 1].into();
-        let permits: Vec<_> = (0..3).map(|_| l.admit(a).unwrap()).collect();
-        assert_eq!(l.admit(a).err(), Some(Outcome::OverHandshakeRate));
-        drop(permits);
-        assert!(l.admit([10, 0, 0, 9].into()).is_ok(), "other addresses have their own bucket");
+        assert!((0..3).all(|_| l.handshake(a)));
+        assert!(!l.handshake(a));
+        assert!(l.handshake([10, 0, 0, 9].into()), "other addresses have their own bucket");
     }
 }

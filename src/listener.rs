@@ -16,9 +16,10 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::outcome::Outcome;
+use crate::prefixed::Prefixed;
 use crate::records::millis;
-use crate::request::{self, ConnContext};
-use crate::session::{PendingHandshake, Peer};
+use crate::request;
+use crate::session::{ConnContext, PendingHandshake, Peer};
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -187,36 +188,52 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
 }
 
 /// Serves one TCP connection: the PROXY header if configured, TLS (unless off), then HTTP
-/// requests until the connection upgrades or closes.
-async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
+/// requests until the connection upgrades or closes. Everything before the upgrade, together,
+/// is bounded by `handshake_timeout`, and the connection counts against the limits from here.
+async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("conn", client = %peer, sni = Empty);
     let started = Instant::now();
     let current = app.current();
-    let limit = current.config.server.handshake_timeout;
+    let server = &current.config.server;
+    let limit = server.handshake_timeout;
+    let deadline = started + limit;
+    let trusted = |ip: &std::net::IpAddr, nets: &[ipnet::IpNet]| nets.iter().any(|n| n.contains(ip));
     async {
-        let mut client_addr = peer;
         let early_failure = |client_addr, outcome: Outcome, why: String| {
             tracing::debug!(%outcome, error = %why, "connection failed before a request");
             let peer = Peer { client_addr, sni: None, tls_ms: None };
             let _ = PendingHandshake::new(&app, &peer, started).fail(outcome, why);
         };
-        if app.proxy_protocol {
-            match crate::proxy_protocol::read(&mut tcp, limit).await {
-                Ok(Some(addr)) => {
-                    client_addr = addr;
-                    tracing::Span::current().record("client", tracing::field::display(addr));
+        // A trusted proxy's own address is not limited per address: its clients are, once its
+        // requests name them.
+        let by_address = !trusted(&peer.ip(), &server.trusted_proxies) && !app.proxy_protocol;
+        let mut permit = app.limiter.connection(peer.ip(), by_address);
+        let mut client_addr = peer;
+        let io = if app.proxy_protocol {
+            if !trusted(&peer.ip(), &server.proxy_protocol_from) {
+                let why = format!("PROXY header from {}, which is not in proxy_protocol_from", peer.ip());
+                return early_failure(peer, Outcome::BadProxyHeader, why);
+            }
+            match crate::proxy_protocol::read(tcp, deadline).await {
+                Ok((addr, io)) => {
+                    if let Some(addr) = addr {
+                        client_addr = addr;
+                        tracing::Span::current().record("client", tracing::field::display(addr));
+                    }
+                    app.limiter.attribute(&mut permit, client_addr.ip());
+                    io
                 }
-                Ok(None) => {}
                 Err(why) => return early_failure(peer, Outcome::BadProxyHeader, why),
             }
-        }
-        let Some(acceptor) = &app.tls else {
-            let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None });
-            return serve_http(&app, tcp, conn, limit, started).await;
+        } else {
+            Prefixed::new(&[], tcp)
         };
-        let remaining = limit.saturating_sub(started.elapsed());
-        let tls = match tokio::time::timeout(remaining, acceptor.accept(tcp)).await {
+        let Some(acceptor) = &app.tls else {
+            let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None }, permit);
+            return serve_http(&app, io, conn, deadline, started).await;
+        };
+        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return early_failure(client_addr, Outcome::ClientTlsError, e.to_string()),
             Err(_) => {
@@ -228,44 +245,63 @@ async fn serve_connection(app: Arc<App>, mut tcp: TcpStream, peer: SocketAddr) {
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
         }
-        let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) });
-        serve_http(&app, tls, conn, limit, started).await
+        let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) }, permit);
+        serve_http(&app, tls, conn, deadline, started).await
     }
     .instrument(span)
     .await
 }
 
-/// Serves HTTP/1.1 with upgrades; a connection that ends without a request gets its record here.
-async fn serve_http<I>(app: &Arc<App>, io: I, conn: ConnContext, limit: Duration, started: Instant)
+/// How long a response in flight may still take once the pre-upgrade deadline has passed.
+const LAST_RESPONSE: Duration = Duration::from_millis(500);
+
+/// Serves HTTP/1.1 with upgrades until `deadline`; a connection that ends without a request
+/// gets its record here.
+async fn serve_http<I>(app: &Arc<App>, io: I, conn: ConnContext, deadline: Instant, started: Instant)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limit.saturating_sub(started.elapsed()).max(Duration::from_millis(100)))
+        .header_read_timeout(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100)))
         .max_header_size(MAX_HEAD)
         .max_buf_size(MAX_HEAD);
     let svc_conn = conn.clone();
     let svc = service_fn(move |req| request::handle(req, svc_conn.clone()));
     let served = http.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(served);
-    let result = tokio::select! {
-        r = served.as_mut() => r,
-        _ = app.shutdown.drain.cancelled() => {
-            served.as_mut().graceful_shutdown();
-            served.await
-        }
+    // Past the deadline (or on drain), a response in flight may finish; a client that pipelines
+    // requests and never reads cannot hold the connection beyond that.
+    enum Cut {
+        Deadline,
+        Drain,
+    }
+    let (mut result, cut) = tokio::select! {
+        r = served.as_mut() => (Some(r), None),
+        _ = tokio::time::sleep_until(deadline) => (None, Some(Cut::Deadline)),
+        _ = app.shutdown.drain.cancelled() => (None, Some(Cut::Drain)),
     };
+    if cut.is_some() {
+        served.as_mut().graceful_shutdown();
+        result = tokio::time::timeout(LAST_RESPONSE, served).await.ok();
+    }
     if !conn.saw_request() {
-        let (outcome, why) = match &result {
-            Err(e) if e.is_timeout() => (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string()),
-            Err(e) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
-            Err(e) => (Outcome::NoRequest, e.to_string()),
-            Ok(()) => (Outcome::NoRequest, "connection closed before a request".to_string()),
+        let timeout = || (Outcome::ClientTimeout, "request headers did not arrive within handshake_timeout".to_string());
+        let (outcome, why) = match (&cut, &result) {
+            (Some(Cut::Deadline), _) => timeout(),
+            (Some(Cut::Drain), _) => (Outcome::Shutdown, "the relay stopped accepting before a request arrived".to_string()),
+            (None, Some(Err(e))) if e.is_timeout() => timeout(),
+            (None, Some(Err(e))) if e.is_parse() || e.is_parse_too_large() => (Outcome::BadRequest, e.to_string()),
+            (None, Some(Err(e))) => (Outcome::NoRequest, e.to_string()),
+            (None, _) => (Outcome::NoRequest, "connection closed before a request".to_string()),
         };
         let _ = PendingHandshake::new(app, &conn.peer, started).fail(outcome, why);
-    } else if let Err(e) = result {
-        tracing::debug!(error = %e, "http connection ended with an error");
+    } else {
+        match (cut, result) {
+            (Some(Cut::Deadline), _) => tracing::debug!("connection closed: no upgrade within handshake_timeout"),
+            (_, Some(Err(e))) => tracing::debug!(error = %e, "http connection ended with an error"),
+            _ => {}
+        }
     }
 }

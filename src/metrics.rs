@@ -54,8 +54,9 @@ pub struct Metrics {
     pub bytes_down: Counter,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
+impl Metrics {
+    /// Every metric, with `records_dropped` counting the records the queue had to drop.
+    pub fn new(records_dropped: Counter) -> Self {
         let mut registry = Registry::with_prefix("sigrelay");
         let live = Family::<RouteRegion, Gauge>::default();
         let handshakes = Family::<RouteOutcome, Counter>::default();
@@ -71,6 +72,7 @@ impl Default for Metrics {
         registry.register("bytes", "WebSocket frame bytes relayed, by direction", bytes.clone());
         registry.register("handshake_duration_seconds", "Time from request to handshake outcome", handshake_seconds.clone());
         registry.register("upstream_phase_duration_seconds", "Time of each gateway connection phase", upstream_phase_seconds.clone());
+        registry.register("records_dropped", "Records dropped because stdout was not read fast enough", records_dropped);
         let dir = |d| DirectionLabel { direction: d };
         let msgs_up = messages.get_or_create(&dir("up")).clone();
         let msgs_down = messages.get_or_create(&dir("down")).clone();
@@ -91,9 +93,7 @@ impl Default for Metrics {
             upstream_phase_seconds,
         }
     }
-}
 
-impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

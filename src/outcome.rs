@@ -123,6 +123,7 @@ impl Outcome {
             Outcome::BadRequest | Outcome::BadRegion => StatusCode::BAD_REQUEST,
             Outcome::ForbiddenOrigin => StatusCode::FORBIDDEN,
             Outcome::Shutdown | Outcome::OverMaxConnections => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::OverHandshakeRate => StatusCode::TOO_MANY_REQUESTS,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -157,10 +158,31 @@ pub enum Side {
     Relay,
 }
 
+impl Side {
+    /// The other end of the relayed connection (the relay's is itself).
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+            Side::Relay => Side::Relay,
+        }
+    }
+
+    /// The word records use (`closed_by`).
+    pub fn word(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+            Side::Relay => "relay",
+        }
+    }
+}
+
 /// Close codes sigrelay sends itself.
 pub mod close_code {
     pub const GOING_AWAY: u16 = 1001;
     pub const PROTOCOL: u16 = 1002;
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
     pub const RESTART: u16 = 1012;
@@ -177,8 +199,10 @@ pub enum Ending {
     Gone(Side),
     /// This side sent a message over `max_message_size`.
     TooBig(Side),
-    /// This side broke the framing rules.
+    /// This side broke the framing rules (or sent a malformed close).
     ProtocolError(Side),
+    /// This side sent a text message that is not UTF-8.
+    InvalidData(Side),
     /// The relay is shutting down.
     Shutdown,
     /// This side answered none of the relay's pings.
@@ -198,8 +222,8 @@ impl Ending {
             Ending::Gone(Side::Upstream) => Outcome::UpstreamGone,
             Ending::Gone(_) => Outcome::ClientGone,
             Ending::TooBig(_) => Outcome::MessageTooBig,
-            Ending::ProtocolError(Side::Upstream) => Outcome::UpstreamProtocolError,
-            Ending::ProtocolError(_) => Outcome::ClientProtocolError,
+            Ending::ProtocolError(Side::Upstream) | Ending::InvalidData(Side::Upstream) => Outcome::UpstreamProtocolError,
+            Ending::ProtocolError(_) | Ending::InvalidData(_) => Outcome::ClientProtocolError,
             Ending::Shutdown => Outcome::Shutdown,
             Ending::Silent(Side::Upstream) => Outcome::UpstreamSilent,
             Ending::Silent(_) => Outcome::ClientSilent,
@@ -214,10 +238,20 @@ impl Ending {
             Ending::Closed(side) | Ending::Gone(side) => side,
             Ending::TooBig(_)
             | Ending::ProtocolError(_)
+            | Ending::InvalidData(_)
             | Ending::Shutdown
             | Ending::Silent(_)
             | Ending::Idle
             | Ending::Operator => Side::Relay,
+        }
+    }
+
+    /// The side whose fault the ending is, when the relay fails the connection because of what
+    /// it sent.
+    pub fn at_fault(self) -> Option<Side> {
+        match self {
+            Ending::TooBig(side) | Ending::ProtocolError(side) | Ending::InvalidData(side) => Some(side),
+            _ => None,
         }
     }
 
@@ -232,9 +266,10 @@ impl Ending {
             Ending::Gone(_) => Some(GOING_AWAY),
             Ending::TooBig(side) if side == to => Some(TOO_BIG),
             Ending::ProtocolError(side) if side == to => Some(PROTOCOL),
+            Ending::InvalidData(side) if side == to => Some(INVALID_DATA),
             // The browser learns that the gateway misbehaved; the gateway that the browser did.
             Ending::ProtocolError(Side::Upstream) => Some(BAD_GATEWAY),
-            Ending::TooBig(_) | Ending::ProtocolError(_) => Some(GOING_AWAY),
+            Ending::TooBig(_) | Ending::ProtocolError(_) | Ending::InvalidData(_) => Some(GOING_AWAY),
             Ending::Shutdown => Some(RESTART),
             Ending::Silent(_) | Ending::Idle | Ending::Operator => Some(GOING_AWAY),
         }

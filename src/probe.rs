@@ -22,6 +22,9 @@ pub struct Probe {
     pub ok: bool,
     pub outcome: String,
     pub error: Option<String>,
+    /// `error` as anyone may read it (see [`crate::upstream::UpstreamError::public`]).
+    #[serde(skip)]
+    pub public_error: Option<String>,
     pub dns_ms: Option<f64>,
     pub proxy_ms: Option<f64>,
     pub connect_ms: Option<f64>,
@@ -53,14 +56,14 @@ pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&st
                 let _permit = gate.acquire_owned().await.expect("semaphore open");
                 let mut t = Timings::default();
                 let result = connector.connect(&target, &ForwardHeaders::default(), &mut t).await;
-                let (ok, outcome, error) = match result {
+                let (ok, outcome, error, public_error) = match result {
                     Ok(mut c) => {
                         let frame = crate::frame::close_frame(1000, "sigrelay diagnose", Some(rand::random()));
                         let _ = c.io.write_all(&frame).await;
                         let _ = c.io.shutdown().await;
-                        (true, "ok".to_string(), None)
+                        (true, "ok".to_string(), None, None)
                     }
-                    Err(e) => (false, e.outcome().to_string(), Some(e.to_string())),
+                    Err(e) => (false, e.outcome().to_string(), Some(e.to_string()), Some(e.public())),
                 };
                 let probe = Probe {
                     route: name,
@@ -69,6 +72,7 @@ pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&st
                     ok,
                     outcome,
                     error,
+                    public_error,
                     dns_ms: t.dns.map(millis),
                     proxy_ms: t.proxy.map(millis),
                     connect_ms: t.connect.map(millis),
@@ -98,6 +102,13 @@ pub struct ProbeCache {
 struct ProbeRun {
     started: Instant,
     done: watch::Receiver<Option<(Instant, Arc<Vec<Probe>>)>>,
+}
+
+impl Probe {
+    /// The probe as anyone may read it: its error without internal addresses.
+    pub fn redacted(&self) -> Probe {
+        Probe { error: self.public_error.clone(), ..self.clone() }
+    }
 }
 
 impl ProbeCache {

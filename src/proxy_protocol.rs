@@ -1,12 +1,15 @@
 //! The PROXY protocol (v1 text and v2 binary) header that L4 load balancers put before the
-//! client's bytes, parsed with the `ppp` crate. The header is consumed exactly, so the TLS
-//! handshake that follows starts at the right byte.
+//! client's bytes, parsed with the `ppp` crate. It is believed only from the balancers listed in
+//! `proxy_protocol_from`; the bytes read past it are put back, so the TLS handshake that follows
+//! starts at the right byte.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::prefixed::Prefixed;
 
 /// Longest header read: v1 is at most 107 bytes; v2 carries 16 bytes plus addresses and TLVs.
 const MAX_HEADER: usize = 1024;
@@ -43,26 +46,25 @@ pub fn parse(buf: &[u8]) -> Result<Option<(usize, Option<SocketAddr>)>, String> 
     }
 }
 
-/// Reads the header off `tcp` (peeking, then consuming exactly its bytes). Returns the client
-/// address it names, if any.
-pub async fn read(tcp: &mut TcpStream, timeout: Duration) -> Result<Option<SocketAddr>, String> {
+/// Reads the header off `tcp` through a buffer, by `deadline`. Returns the client address it
+/// names (if any) and the stream with whatever followed the header put back in front.
+pub async fn read(mut tcp: TcpStream, deadline: Instant) -> Result<(Option<SocketAddr>, Prefixed<TcpStream>), String> {
+    let mut buf = [0u8; MAX_HEADER];
+    let mut filled = 0;
     let read = async {
-        let mut buf = vec![0u8; MAX_HEADER];
         loop {
-            let n = tcp.peek(&mut buf).await.map_err(|e| e.to_string())?;
+            let n = tcp.read(&mut buf[filled..]).await.map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err("connection closed before a PROXY header".to_string());
             }
-            if let Some((len, addr)) = parse(&buf[..n])? {
-                tcp.read_exact(&mut buf[..len]).await.map_err(|e| e.to_string())?;
-                return Ok(addr);
+            filled += n;
+            if let Some((len, addr)) = parse(&buf[..filled])? {
+                return Ok((len, addr));
             }
-            // Peeking again at once would spin on the same bytes; headers arrive whole in
-            // practice, so a short wait is all a split one needs.
-            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
-    tokio::time::timeout(timeout, read).await.map_err(|_| "PROXY header did not arrive in time".to_string())?
+    let (len, addr) = tokio::time::timeout_at(deadline, read).await.map_err(|_| "PROXY header did not arrive in time".to_string())??;
+    Ok((addr, Prefixed::new(&buf[len..filled], tcp)))
 }
 
 #[cfg(test)]

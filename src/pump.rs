@@ -1,10 +1,17 @@
 //! The frame pump: moves WebSocket frames between the browser and the gateway as they arrived.
 //!
 //! Neither hop negotiates an extension, browser frames are already masked and gateway frames are
-//! not, so every frame is valid on the other hop unchanged. The pump reads only frame headers (to
-//! count messages, enforce `max_message_size`, validate framing and notice close frames) and
+//! not, so every frame is valid on the other hop unchanged. The pump reads frame headers (to
+//! count messages, enforce `max_message_size`, check framing and notice close frames), checks
+//! that text messages are UTF-8 and close frames well-formed (RFC 6455 §5, §7.4, §8.1), and
 //! copies bytes through a small fixed buffer per direction, so memory does not grow with message
 //! size and a slow reader slows its writer (`write_all` is awaited before the next read).
+//!
+//! When one side breaks the protocol (bad framing, invalid UTF-8, a message over the limit), the
+//! frames it sent before the bad one are forwarded, the other side gets a 1001 close, and what
+//! that side already sent still reaches the sender until it answers the close; only then does
+//! the sender get its own close (1002, 1007 or 1009). A byte pipe in front of a conforming
+//! endpoint behaves the same way.
 //!
 //! It is generic over `AsyncRead`/`AsyncWrite`, so unit tests drive it with in-memory pipes.
 
@@ -17,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, OpCode};
 use crate::outcome::{Ending, Side};
+use crate::utf8::Utf8Stream;
 
 /// Bytes each direction reads at a time. Signalling messages are a few hundred bytes to a few
 /// KiB; larger ones stream through.
@@ -55,6 +63,8 @@ pub struct PumpEnd {
     /// The code of the close that ended it: the peer's own, or the one the relay sent.
     pub close_code: Option<u16>,
     pub close_reason: Option<String>,
+    /// What the side at fault did, when one broke the protocol.
+    pub error: Option<String>,
 }
 
 /// Settings for one relayed connection.
@@ -117,7 +127,7 @@ where
 {
     let shared = Shared {
         stop: CancellationToken::new(),
-        first: Mutex::new(None),
+        decided: Mutex::new(None),
         reason: OnceLock::new(),
         finished: AtomicUsize::new(0),
         conn_id: opts.conn_id,
@@ -142,7 +152,7 @@ where
             _ = operator.cancelled() => Ending::Operator,
             _ = idle(&shared, opts.idle_timeout) => Ending::Idle,
         };
-        shared.decide(ending, None);
+        shared.decide(Decided { ending, peer_close: None, error: None });
         shared.stop.cancel();
         std::future::pending::<()>().await
     };
@@ -150,8 +160,8 @@ where
         _ = both => {}
         _ = watch => {}
     }
-    let first = shared.first.lock().unwrap().take();
-    let (ending, peer_close) = first.unwrap_or((Ending::Shutdown, None));
+    let decided = shared.decided.lock().unwrap().take();
+    let Decided { ending, peer_close, error } = decided.unwrap_or(Decided { ending: Ending::Shutdown, peer_close: None, error: None });
     let (close_code, close_reason) = match (ending, peer_close) {
         (Ending::Closed(_), Some((code, reason))) => (code, code.map(|_| reason)),
         _ => {
@@ -159,7 +169,7 @@ where
             (code, code.map(|_| shared.reason(ending).to_string()))
         }
     };
-    PumpEnd { ending, close_code, close_reason }
+    PumpEnd { ending, close_code, close_reason, error }
 }
 
 /// Resolves once no data message has passed either way for `timeout`; never when `None`.
@@ -175,14 +185,24 @@ async fn idle(shared: &Shared<'_>, timeout: Option<Duration>) {
     }
 }
 
-type PeerClose = Option<(Option<u16>, String)>;
+/// A peer's close frame: its code and reason.
+type PeerClose = (Option<u16>, String);
+
+/// How the connection ends, as first decided.
+#[derive(Debug)]
+struct Decided {
+    ending: Ending,
+    /// The peer's close, when a peer's close frame ended it.
+    peer_close: Option<PeerClose>,
+    error: Option<String>,
+}
 
 /// State the two directions of one connection share (they run in the same task).
 struct Shared<'a> {
     /// Cancelled once the connection is ending; each direction then stops reading.
     stop: CancellationToken,
-    /// The first ending decided wins, with the peer's close code and reason when it sent one.
-    first: Mutex<Option<(Ending, PeerClose)>>,
+    /// The first ending decided wins.
+    decided: Mutex<Option<Decided>>,
     reason: OnceLock<String>,
     finished: AtomicUsize,
     conn_id: &'a str,
@@ -196,15 +216,29 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn decide(&self, ending: Ending, peer_close: PeerClose) {
-        let mut first = self.first.lock().unwrap();
+    /// Records how the connection ends unless that is already decided; whether this decided it.
+    fn decide(&self, decided: Decided) -> bool {
+        let mut first = self.decided.lock().unwrap();
         if first.is_none() {
-            *first = Some((ending, peer_close));
+            *first = Some(decided);
+            true
+        } else {
+            false
         }
     }
 
     fn ending(&self) -> Ending {
-        self.first.lock().unwrap().as_ref().map(|(e, _)| *e).unwrap_or(Ending::Shutdown)
+        self.decided.lock().unwrap().as_ref().map(|d| d.ending).unwrap_or(Ending::Shutdown)
+    }
+
+    /// The code of the close that started the ending, when a peer's close did.
+    fn peer_close_code(&self) -> Option<u16> {
+        self.decided.lock().unwrap().as_ref().and_then(|d| d.peer_close.as_ref()).and_then(|(code, _)| *code)
+    }
+
+    /// Whether the relay is failing the connection because of `side`.
+    fn failing_because_of(&self, side: Side) -> bool {
+        self.decided.lock().unwrap().as_ref().and_then(|d| d.ending.at_fault()) == Some(side)
     }
 
     fn reason(&self, ending: Ending) -> &str {
@@ -223,17 +257,46 @@ impl Shared<'_> {
     }
 }
 
+/// What a side did that makes the relay fail the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fault {
+    TooBig,
+    Protocol(FrameError),
+    InvalidUtf8,
+}
+
+impl Fault {
+    fn ending(&self, side: Side) -> Ending {
+        match self {
+            Fault::TooBig => Ending::TooBig(side),
+            Fault::Protocol(_) => Ending::ProtocolError(side),
+            Fault::InvalidUtf8 => Ending::InvalidData(side),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Fault::TooBig => "a message over max_message_size".into(),
+            Fault::Protocol(e) => e.to_string(),
+            Fault::InvalidUtf8 => "invalid UTF-8 in a text message".into(),
+        }
+    }
+}
+
 /// Why one direction stopped.
 #[derive(Debug)]
 enum DirEnd {
     /// The reading side's close frame was forwarded.
     ForwardedClose(Option<u16>, String),
+    /// The reading side answered the relay's close (the connection was failing because of the
+    /// other side); its close was not forwarded.
+    AnsweredClose,
     /// The reading side's stream ended or failed without a close frame.
     ReadEnded,
     /// The writing side could not take more bytes.
     WriteFailed,
-    TooBig,
-    Protocol(FrameError),
+    /// The reading side broke the protocol.
+    Fault(Fault),
     /// The writing side answered none of the relay's pings.
     Silent,
     /// The connection is ending for another reason.
@@ -243,50 +306,92 @@ enum DirEnd {
 /// What the scanner found that ends the direction.
 #[derive(Debug)]
 enum Stop {
-    Close(Option<u16>, String),
-    TooBig,
-    Protocol(FrameError),
+    /// A valid close frame starting at `start` in the scanned bytes.
+    Close { start: usize, code: Option<u16>, reason: String },
+    Fault(Fault),
 }
 
-/// Tracks framing across reads: where frames start, how far into a payload we are, and
-/// message boundaries.
+/// Tracks framing across reads: where frames start, how far into a payload we are, message
+/// boundaries, and the UTF-8 state of a text message.
 #[derive(Debug)]
 struct Scanner {
     from: Side,
     max_message_size: u64,
     /// Payload bytes of the current data frame still to pass through.
     remaining: u64,
+    /// The current data frame's masking key, and how far into its payload the scan is.
+    mask: Option<[u8; 4]>,
+    payload_at: u64,
     /// Inside a fragmented message (a data frame without FIN was seen).
     in_message: bool,
+    /// The current message is text, and its UTF-8 so far.
+    text: bool,
+    utf8: Utf8Stream,
     message_len: u64,
     /// The current frame ends a message.
     fin_pending: bool,
     msgs: u64,
+    /// The bytes forwarded so far stop inside a frame: nothing more can be framed on the writer.
+    torn: bool,
 }
 
+/// Text payload is unmasked into a stack buffer this big to be validated, never into the pump's
+/// own buffer (the bytes are forwarded masked, as they came).
+const UNMASK_CHUNK: usize = 1024;
+
 impl Scanner {
+    fn new(from: Side, max_message_size: u64) -> Scanner {
+        Scanner {
+            from,
+            max_message_size,
+            remaining: 0,
+            mask: None,
+            payload_at: 0,
+            in_message: false,
+            text: false,
+            utf8: Utf8Stream::default(),
+            message_len: 0,
+            fin_pending: false,
+            msgs: 0,
+            torn: false,
+        }
+    }
+
+    /// Whether the writer is at a frame boundary, so the relay may send it a frame of its own.
+    fn at_boundary(&self) -> bool {
+        self.remaining == 0 && !self.torn
+    }
+
     /// Walks `data`, returning how many bytes may be forwarded now and whether the direction
     /// must stop after them. Bytes not consumed are an incomplete header or control frame.
     fn scan(&mut self, data: &[u8]) -> (usize, Option<Stop>) {
         let mut pos = 0;
+        // Where the current data frame's header starts in `data`, if it does.
+        let mut frame_start: Option<usize> = None;
         while pos < data.len() {
             if self.remaining > 0 {
-                let n = self.remaining.min((data.len() - pos) as u64);
-                pos += n as usize;
-                self.remaining -= n;
+                let n = self.remaining.min((data.len() - pos) as u64) as usize;
+                if self.text && !self.validate(&data[pos..pos + n]) {
+                    return self.fail_in_frame(frame_start, Fault::InvalidUtf8);
+                }
+                pos += n;
+                self.remaining -= n as u64;
+                self.payload_at += n as u64;
                 if self.remaining == 0 {
-                    self.end_frame();
+                    if let Err(fault) = self.end_frame() {
+                        return self.fail_in_frame(frame_start, fault);
+                    }
                 }
                 continue;
             }
             let h = match frame::parse_header(&data[pos..]) {
                 Ok(Some(h)) => h,
                 Ok(None) => break,
-                Err(e) => return (pos, Some(Stop::Protocol(e))),
+                Err(e) => return (pos, Some(Stop::Fault(Fault::Protocol(e)))),
             };
             // RFC 6455 §5.1: browsers mask every frame, servers none.
             if (self.from == Side::Upstream) == h.mask.is_some() {
-                return (pos, Some(Stop::Protocol(FrameError::Masking)));
+                return (pos, Some(Stop::Fault(Fault::Protocol(FrameError::Masking))));
             }
             if h.opcode.is_control() {
                 let total = h.frame_len() as usize;
@@ -300,38 +405,83 @@ impl Scanner {
                     if let Some(key) = h.mask {
                         frame::apply_mask(&mut payload, key, 0);
                     }
-                    if payload.len() == 1 {
-                        return (start, Some(Stop::Protocol(FrameError::BadControlFrame)));
+                    if let Err(e) = frame::check_close_payload(&payload) {
+                        return (start, Some(Stop::Fault(Fault::Protocol(e))));
                     }
                     let (code, reason) = frame::parse_close_payload(&payload);
-                    return (pos, Some(Stop::Close(code, reason)));
+                    return (pos, Some(Stop::Close { start, code, reason }));
                 }
                 continue;
             }
             let continuation = h.opcode == OpCode::Continuation;
             if continuation != self.in_message {
-                return (pos, Some(Stop::Protocol(FrameError::Sequence)));
+                return (pos, Some(Stop::Fault(Fault::Protocol(FrameError::Sequence))));
             }
             self.message_len = if continuation { self.message_len + h.payload_len } else { h.payload_len };
             if self.message_len > self.max_message_size {
-                return (pos, Some(Stop::TooBig));
+                return (pos, Some(Stop::Fault(Fault::TooBig)));
             }
+            if !continuation {
+                self.text = h.opcode == OpCode::Text;
+                self.utf8 = Utf8Stream::default();
+            }
+            frame_start = Some(pos);
             self.in_message = !h.fin;
             self.fin_pending = h.fin;
+            self.mask = h.mask;
+            self.payload_at = 0;
             pos += h.header_len;
             self.remaining = h.payload_len;
             if self.remaining == 0 {
-                self.end_frame();
+                if let Err(fault) = self.end_frame() {
+                    return self.fail_in_frame(frame_start, fault);
+                }
             }
         }
         (pos, None)
     }
 
-    fn end_frame(&mut self) {
+    /// Fails the direction inside the current data frame: when the frame started in these bytes
+    /// none of it is forwarded, so the writer stays at a boundary; otherwise its start is already
+    /// out and the writer is torn.
+    fn fail_in_frame(&mut self, frame_start: Option<usize>, fault: Fault) -> (usize, Option<Stop>) {
+        self.remaining = 0;
+        let forward = match frame_start {
+            Some(start) => start,
+            None => {
+                self.torn = true;
+                0
+            }
+        };
+        (forward, Some(Stop::Fault(fault)))
+    }
+
+    /// Validates the next payload bytes of a text message.
+    fn validate(&mut self, payload: &[u8]) -> bool {
+        let Some(key) = self.mask else { return self.utf8.feed(payload) };
+        let mut tmp = [0u8; UNMASK_CHUNK];
+        let mut at = self.payload_at as usize;
+        for chunk in payload.chunks(UNMASK_CHUNK) {
+            let tmp = &mut tmp[..chunk.len()];
+            tmp.copy_from_slice(chunk);
+            frame::apply_mask(tmp, key, at);
+            if !self.utf8.feed(tmp) {
+                return false;
+            }
+            at += chunk.len();
+        }
+        true
+    }
+
+    fn end_frame(&mut self) -> Result<(), Fault> {
         if self.fin_pending {
             self.msgs += 1;
             self.fin_pending = false;
+            if self.text && !self.utf8.complete() {
+                return Err(Fault::InvalidUtf8);
+            }
         }
+        Ok(())
     }
 }
 
@@ -346,6 +496,8 @@ struct Direction<R, W> {
     scanner: Scanner,
     /// The last write stopped part-way through, so nothing more can be framed on this writer.
     write_torn: bool,
+    /// The writer got a close frame (forwarded or the relay's own): it gets no other.
+    close_sent: bool,
     /// Fixed-period ping ticks (not reset by traffic from the reading side, which says nothing
     /// about whether the writing side is still there).
     ping_timer: Option<tokio::time::Interval>,
@@ -357,7 +509,6 @@ struct Direction<R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
     fn new(from: Side, reader: R, writer: W, opts: &PumpOptions<'_>) -> Self {
-        let max_message_size = opts.max_message_size;
         let to = if from == Side::Client { Side::Upstream } else { Side::Client };
         Direction {
             to,
@@ -366,16 +517,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             buf: vec![0; BUF_SIZE].into_boxed_slice(),
             start: 0,
             end: 0,
-            scanner: Scanner {
-                from,
-                max_message_size,
-                remaining: 0,
-                in_message: false,
-                message_len: 0,
-                fin_pending: false,
-                msgs: 0,
-            },
+            scanner: Scanner::new(from, opts.max_message_size),
             write_torn: false,
+            close_sent: false,
             ping_timer: opts.ping_interval.map(|p| {
                 let mut t = tokio::time::interval_at(tokio::time::Instant::now() + p, p);
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -390,49 +534,90 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let end = self.run(initial, shared).await;
         let from = self.scanner.from;
         let second = shared.finished.fetch_add(1, Ordering::SeqCst) == 1;
+        let decide = |ending, peer_close, error| shared.decide(Decided { ending, peer_close, error });
         match end {
             DirEnd::ForwardedClose(code, reason) => {
-                shared.decide(Ending::Closed(from), Some((code, reason)));
+                self.close_sent = true;
+                decide(Ending::Closed(from), Some((code, reason)), None);
                 // The other side now answers with its own close; give it time to arrive.
                 if !second {
-                    tokio::select! {
-                        _ = tokio::time::sleep(CLOSE_GRACE) => {}
-                        _ = shared.stop.cancelled() => {}
-                    }
+                    await_other(shared).await;
                 }
             }
-            DirEnd::ReadEnded => shared.decide(Ending::Gone(from), None),
-            DirEnd::WriteFailed => shared.decide(Ending::Gone(self.to), None),
-            DirEnd::TooBig => shared.decide(Ending::TooBig(from), None),
-            DirEnd::Protocol(e) => {
-                tracing::debug!(side = ?from, error = %e, "framing error");
-                shared.decide(Ending::ProtocolError(from), None)
+            DirEnd::Fault(fault) => {
+                tracing::debug!(side = ?from, error = %fault.describe(), "protocol error");
+                let ending = fault.ending(from);
+                // The other side hears first, and what it already sent still reaches the sender
+                // (through the other direction) until it answers; then the sender gets its close.
+                if decide(ending, None, Some(fault.describe())) && !second && self.send_own_close(shared, ending).await {
+                    await_other(shared).await;
+                }
             }
-            DirEnd::Silent => shared.decide(Ending::Silent(self.to), None),
-            DirEnd::Stopped => {}
+            DirEnd::AnsweredClose | DirEnd::Stopped => {}
+            DirEnd::ReadEnded => {
+                decide(Ending::Gone(from), None, None);
+            }
+            DirEnd::WriteFailed => {
+                decide(Ending::Gone(self.to), None, None);
+            }
+            DirEnd::Silent => {
+                decide(Ending::Silent(self.to), None, None);
+            }
         }
         shared.stop.cancel();
         self.finish(shared).await;
     }
 
+    /// Sends the relay's close for `ending` to this direction's writer, if the writer can take a
+    /// frame; whether it did.
+    async fn send_own_close(&mut self, shared: &Shared<'_>, ending: Ending) -> bool {
+        if self.write_torn || self.close_sent || !self.scanner.at_boundary() {
+            return false;
+        }
+        let frame = match ending {
+            // The side that closed never heard back from the other: answer as it would have.
+            Ending::Closed(side) if side == self.to => {
+                let reason = format!("{} did not answer the close conn={}", side.other().word(), shared.conn_id);
+                match shared.peer_close_code() {
+                    Some(code) => frame::close_frame(code, &reason, self.mask()),
+                    None => frame::empty_close_frame(self.mask()),
+                }
+            }
+            _ => match ending.close_code_for(self.to) {
+                Some(code) => frame::close_frame(code, shared.reason(ending), self.mask()),
+                None => return false,
+            },
+        };
+        self.close_sent = true;
+        let written = tokio::time::timeout(FINAL_WRITE, async {
+            self.writer.write_all(&frame).await?;
+            self.writer.flush().await
+        })
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            self.write_torn = true;
+            return false;
+        }
+        true
+    }
+
+    /// The masking key for a frame the relay writes: the gateway's side wants masked frames.
+    fn mask(&self) -> Option<[u8; 4]> {
+        (self.to == Side::Upstream).then(rand::random::<[u8; 4]>)
+    }
+
     /// Sends the relay's own close frame to this direction's writer, if the ending calls for one
-    /// and the writer is at a frame boundary, then shuts the writer down. A writer torn mid-write
-    /// is stuck behind a peer that does not read: it is dropped, not waited on.
+    /// and the writer can take it, then shuts the writer down. A writer torn mid-write is stuck
+    /// behind a peer that does not read: it is dropped, not waited on.
     async fn finish(&mut self, shared: &Shared<'_>) {
         if self.write_torn {
             return;
         }
         let ending = shared.ending();
-        if let Some(code) = ending.close_code_for(self.to) {
-            if self.scanner.remaining == 0 {
-                let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
-                let frame = frame::close_frame(code, shared.reason(ending), mask);
-                if tokio::time::timeout(FINAL_WRITE, self.writer.write_all(&frame)).await.is_err() {
-                    return;
-                }
-            }
+        self.send_own_close(shared, ending).await;
+        if !self.write_torn {
+            let _ = tokio::time::timeout(FINAL_WRITE, self.writer.shutdown()).await;
         }
-        let _ = tokio::time::timeout(FINAL_WRITE, self.writer.shutdown()).await;
     }
 
     async fn run(&mut self, initial: Vec<u8>, shared: &Shared<'_>) -> DirEnd {
@@ -496,12 +681,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 self.unanswered = 0;
             }
         }
-        if self.scanner.remaining != 0 || self.write_torn {
+        if !self.scanner.at_boundary() || self.write_torn || self.close_sent {
             return None;
         }
         let mut frame = Vec::with_capacity(frame::MAX_HEADER_LEN + PING_PAYLOAD.len());
-        let mask = (self.to == Side::Upstream).then(rand::random::<[u8; 4]>);
-        frame::encode_frame(&mut frame, OpCode::Ping, PING_PAYLOAD, mask);
+        frame::encode_frame(&mut frame, OpCode::Ping, PING_PAYLOAD, self.mask());
         self.pinged_at = Some(shared.now_ms());
         self.write(&frame, stopped.as_mut()).await.err()
     }
@@ -542,7 +726,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         })
     }
 
-    /// Writes the first `n` bytes of `data` to the other side and accounts for them.
+    /// Writes the first `n` bytes of `data` to the other side and accounts for them. A close
+    /// that answers the relay's own (the connection is failing because of the other side) is
+    /// not forwarded.
     async fn forward(
         &mut self,
         data: &[u8],
@@ -551,6 +737,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         shared: &Shared<'_>,
         mut stopped: Stopped<'_, '_>,
     ) -> Option<DirEnd> {
+        let (n, end) = match stop {
+            None => (n, None),
+            Some(Stop::Close { start, .. }) if shared.failing_because_of(self.to) => (start, Some(DirEnd::AnsweredClose)),
+            Some(Stop::Close { code, reason, .. }) => (n, Some(DirEnd::ForwardedClose(code, reason))),
+            Some(Stop::Fault(fault)) => (n, Some(DirEnd::Fault(fault))),
+        };
         if n > 0 {
             if let Err(end) = self.write(&data[..n], stopped.as_mut()).await {
                 return Some(end);
@@ -569,11 +761,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 bc.inc_by(n as u64);
             }
         }
-        stop.map(|s| match s {
-            Stop::Close(code, reason) => DirEnd::ForwardedClose(code, reason),
-            Stop::TooBig => DirEnd::TooBig,
-            Stop::Protocol(e) => DirEnd::Protocol(e),
-        })
+        end
+    }
+}
+
+/// Waits, for at most the close grace, until the other direction ends.
+async fn await_other(shared: &Shared<'_>) {
+    tokio::select! {
+        _ = tokio::time::sleep(CLOSE_GRACE) => {}
+        _ = shared.stop.cancelled() => {}
     }
 }
 
@@ -672,27 +868,172 @@ mod tests {
         assert_eq!(c[2], (first.len() + frag.len() + close.len()) as u64);
     }
 
+    /// The code and reason of the close frame at the start of `f`.
+    fn close_of(f: &[u8]) -> (Option<u16>, String) {
+        let hd = frame::parse_header(f).unwrap().unwrap();
+        assert_eq!(hd.opcode, OpCode::Close, "{f:?}");
+        let mut p = f[hd.header_len..hd.frame_len() as usize].to_vec();
+        if let Some(k) = hd.mask {
+            frame::apply_mask(&mut p, k, 0);
+        }
+        frame::parse_close_payload(&p)
+    }
+
+    /// Reads one whole frame.
+    async fn read_frame(s: &mut DuplexStream) -> Vec<u8> {
+        let mut f = read_exact(s, 2).await;
+        let extra = match f[1] & 0x7F {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        } + if f[1] & 0x80 != 0 { 4 } else { 0 };
+        f.extend(read_exact(s, extra).await);
+        let len = frame::parse_header(&f).unwrap().unwrap().payload_len as usize;
+        f.extend(read_exact(s, len).await);
+        f
+    }
+
+    fn frame_of(op: OpCode, payload: &[u8], fin: bool, mask: bool) -> Vec<u8> {
+        let mut v = Vec::new();
+        encode_frame(&mut v, op, payload, mask.then_some([9, 8, 7, 6]));
+        if !fin {
+            v[0] &= 0x7F;
+        }
+        v
+    }
+
     #[tokio::test]
-    async fn oversized_message_gets_1009_to_sender_and_1001_to_the_other() {
+    async fn oversized_message_gets_1009_to_sender_after_the_other_answers_its_1001() {
         let mut h = start(Vec::new(), 2048);
         let mut big = Vec::new();
         encode_frame(&mut big, OpCode::Binary, &[0u8; 4096], Some([1, 2, 3, 4]));
         h.browser.write_all(&big).await.unwrap();
+        let to_gateway = read_frame(&mut h.gateway).await;
+        assert_eq!(close_of(&to_gateway).0, Some(1001));
+        assert!(frame::parse_header(&to_gateway).unwrap().unwrap().mask.is_some(), "relay masks toward the gateway");
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
         let to_browser = read_to_end(&mut h.browser).await;
-        let to_gateway = read_to_end(&mut h.gateway).await;
+        assert_eq!(close_of(&to_browser), (Some(1009), "message_too_big conn=C1".into()));
+        assert_eq!(to_browser.len(), close_frame(1009, "message_too_big conn=C1", None).len(), "the gateway's answer is not forwarded");
         let (end, _) = h.task.await.unwrap();
         assert_eq!(end.ending, Ending::TooBig(Side::Client));
-        let code = |f: &[u8]| {
-            let hd = frame::parse_header(f).unwrap().unwrap();
-            let mut p = f[hd.header_len..hd.frame_len() as usize].to_vec();
-            if let Some(k) = hd.mask {
-                frame::apply_mask(&mut p, k, 0);
-            }
-            frame::parse_close_payload(&p)
-        };
-        assert_eq!(code(&to_browser), (Some(1009), "message_too_big conn=C1".into()));
-        assert_eq!(code(&to_gateway).0, Some(1001));
-        assert!(frame::parse_header(&to_gateway).unwrap().unwrap().mask.is_some(), "relay masks toward the gateway");
+    }
+
+    #[tokio::test]
+    async fn frames_before_a_bad_one_are_relayed_and_answered_before_the_sender_is_failed() {
+        // Autobahn 3.2: a text message, then a frame with a reserved bit, then a ping, in one write.
+        let mut h = start(Vec::new(), 1 << 20);
+        let mut batch = text("hello", true);
+        let mut bad = text("bad", true);
+        bad[0] |= 0x20;
+        batch.extend_from_slice(&bad);
+        batch.extend(frame_of(OpCode::Ping, b"p", true, true));
+        h.browser.write_all(&batch).await.unwrap();
+        assert_eq!(read_frame(&mut h.gateway).await, text("hello", true));
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001), "nothing after the bad frame, then 1001");
+        // The gateway's echo still reaches the browser, ahead of the browser's own close.
+        h.gateway.write_all(&text("hello", false)).await.unwrap();
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        assert_eq!(read_frame(&mut h.browser).await, text("hello", false));
+        let close = read_to_end(&mut h.browser).await;
+        assert_eq!(close_of(&close), (Some(1002), "client_protocol_error conn=C1".into()));
+        let (end, c) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
+        assert_eq!(end.error.as_deref(), Some("reserved bits set without a negotiated extension"));
+        assert_eq!((c[0], c[1]), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_gets_1007_and_is_never_forwarded() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let mut bad = Vec::new();
+        encode_frame(&mut bad, OpCode::Text, b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited", Some([1, 2, 3, 4]));
+        h.browser.write_all(&bad).await.unwrap();
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001), "the gateway gets the close, not the text");
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        let close = read_to_end(&mut h.browser).await;
+        assert_eq!(close_of(&close), (Some(1007), "client_protocol_error conn=C1".into()));
+        let (end, c) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::InvalidData(Side::Client));
+        assert_eq!(end.ending.outcome(), crate::outcome::Outcome::ClientProtocolError);
+        assert_eq!(end.error.as_deref(), Some("invalid UTF-8 in a text message"));
+        assert_eq!(end.close_code, Some(1007));
+        assert_eq!(c[0], 0);
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_from_the_gateway_gets_it_1007_and_the_browser_1001() {
+        let mut h = start(Vec::new(), 1 << 20);
+        h.gateway.write_all(&frame_of(OpCode::Text, b"ok \xff", true, false)).await.unwrap();
+        assert_eq!(close_of(&read_frame(&mut h.browser).await).0, Some(1001));
+        h.browser.write_all(&close_frame(1001, "", Some([1, 1, 1, 1]))).await.unwrap();
+        assert_eq!(close_of(&read_to_end(&mut h.gateway).await), (Some(1007), "upstream_protocol_error conn=C1".into()));
+        assert_eq!(h.task.await.unwrap().0.ending, Ending::InvalidData(Side::Upstream));
+    }
+
+    #[tokio::test]
+    async fn fragmented_invalid_utf8_fails_at_the_bad_fragment_not_the_message_end() {
+        // Autobahn 6.4.1: a valid first fragment, then one that makes the text invalid; no FIN yet.
+        let mut h = start(Vec::new(), 1 << 20);
+        let first = frame_of(OpCode::Text, "κόσμε".as_bytes(), false, true);
+        h.browser.write_all(&first).await.unwrap();
+        assert_eq!(read_frame(&mut h.gateway).await, first, "a valid fragment passes");
+        h.browser.write_all(&frame_of(OpCode::Continuation, b"\xf4\x90\x80\x80", false, true)).await.unwrap();
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001), "a close between fragments, not the bad one");
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        assert_eq!(close_of(&read_to_end(&mut h.browser).await).0, Some(1007));
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_is_found_byte_by_byte_and_valid_text_split_anywhere_passes() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let good = frame_of(OpCode::Text, "Hello-µ@ßöäüàá-UTF-8!!".as_bytes(), true, true);
+        for b in good.chunks(1) {
+            h.browser.write_all(b).await.unwrap();
+        }
+        assert_eq!(read_exact(&mut h.gateway, good.len()).await, good);
+        // Autobahn 6.4.3: the bad byte arrives in the middle of a frame whose start is already out.
+        let bad = frame_of(OpCode::Text, b"\xce\xba\xf4\x90\x80\x80-more", true, true);
+        h.browser.write_all(&bad[..8]).await.unwrap();
+        assert_eq!(read_exact(&mut h.gateway, 8).await, bad[..8], "the valid start streams through");
+        // F4 may still start a valid sequence, so it passes; 90 after it cannot (past U+10FFFF).
+        h.browser.write_all(&bad[8..9]).await.unwrap();
+        assert_eq!(read_exact(&mut h.gateway, 1).await, bad[8..9]);
+        h.browser.write_all(&bad[9..10]).await.unwrap();
+        // The gateway's writer is torn mid-frame: it gets no close, its stream just ends.
+        assert_eq!(read_to_end(&mut h.gateway).await, Vec::<u8>::new());
+        assert_eq!(close_of(&read_to_end(&mut h.browser).await).0, Some(1007));
+    }
+
+    #[tokio::test]
+    async fn bad_close_codes_and_reasons_are_protocol_errors() {
+        for (payload, error) in [
+            (999u16.to_be_bytes().to_vec(), "close code 999 is not one an endpoint may send"),
+            (1005u16.to_be_bytes().to_vec(), "close code 1005 is not one an endpoint may send"),
+            (5000u16.to_be_bytes().to_vec(), "close code 5000 is not one an endpoint may send"),
+            (b"\x03\xe8\xff".to_vec(), "close reason is not valid UTF-8"),
+        ] {
+            let mut h = start(Vec::new(), 1 << 20);
+            h.browser.write_all(&frame_of(OpCode::Close, &payload, true, true)).await.unwrap();
+            assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001));
+            h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+            assert_eq!(close_of(&read_to_end(&mut h.browser).await).0, Some(1002));
+            let (end, _) = h.task.await.unwrap();
+            assert_eq!((end.ending, end.error.as_deref()), (Ending::ProtocolError(Side::Client), Some(error)));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_the_far_side_never_answers_is_answered_when_the_grace_runs_out() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let close = close_frame(4001, "bye", Some([4, 4, 4, 4]));
+        h.browser.write_all(&close).await.unwrap();
+        assert_eq!(read_exact(&mut h.gateway, close.len()).await, close);
+        // The gateway says nothing; after the grace the browser still gets its close answered.
+        let answer = read_to_end(&mut h.browser).await;
+        assert_eq!(close_of(&answer), (Some(4001), "upstream did not answer the close conn=C1".into()));
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!((end.ending, end.close_code), (Ending::Closed(Side::Client), Some(4001)));
     }
 
     #[tokio::test]
@@ -711,6 +1052,8 @@ mod tests {
     #[tokio::test]
     async fn unmasked_browser_frame_is_a_protocol_error() {
         let mut h = start(text("x", false), 1 << 20);
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001));
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
         let to_browser = read_to_end(&mut h.browser).await;
         let (end, _) = h.task.await.unwrap();
         assert_eq!(end.ending, Ending::ProtocolError(Side::Client));

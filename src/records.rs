@@ -1,14 +1,20 @@
 //! Handshake and close records: flat JSON objects, one per line, on stdout. Only the
 //! [`session`](crate::session) owners write them.
 //!
-//! Records go through an unbounded channel to a writer thread, so a slow stdout consumer never
-//! stalls a connection and no record is dropped; the writer writes them in batches, at most
-//! 10 ms late, and `RecordsWriter::finish` waits for it at shutdown.
+//! Records go through a bounded queue to a writer thread, so a slow stdout consumer never stalls
+//! a connection; past [`QUEUE`] waiting records they are dropped, counted and logged, never
+//! silently. The writer writes them in batches, at most 10 ms late, and `RecordsWriter::finish`
+//! waits for it at shutdown.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -75,6 +81,9 @@ pub struct CloseRecord {
     pub closed_by: Option<Side>,
     pub close_code: Option<u16>,
     pub close_reason: Option<String>,
+    /// What the side at fault did, when the relay failed the connection (`client_protocol_error`
+    /// and the like).
+    pub error: Option<String>,
     pub msgs_up: u64,
     pub msgs_down: u64,
     pub bytes_up: u64,
@@ -90,10 +99,25 @@ pub fn millis(d: Duration) -> f64 {
 /// waits beyond its connection's end.
 const BATCH_WINDOW: Duration = Duration::from_millis(10);
 
+/// Records waiting for the writer, at most. A stdout reader that falls this far behind costs
+/// records (counted in `sigrelay_records_dropped_total`, and logged), never memory without bound
+/// and never a stalled connection.
+pub const QUEUE: usize = 65_536;
+
 /// A cloneable handle that writes records.
 #[derive(Clone)]
 pub struct Records {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::Sender<String>,
+    dropped: Arc<Dropped>,
+}
+
+/// Records dropped because the queue was full.
+#[derive(Debug, Default)]
+struct Dropped {
+    counter: Counter,
+    /// Dropped since the last log line, and when that was (seconds since the Unix epoch).
+    since_log: AtomicU64,
+    logged_at: AtomicU64,
 }
 
 impl std::fmt::Debug for Records {
@@ -110,7 +134,7 @@ pub struct RecordsWriter {
 impl Records {
     /// Records written as lines to stdout by a dedicated thread.
     pub fn stdout() -> (Records, RecordsWriter) {
-        let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+        let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
         let thread = std::thread::Builder::new()
             .name("sigrelay-records".into())
             .spawn(move || {
@@ -132,13 +156,18 @@ impl Records {
                 }
             })
             .expect("spawning the records thread");
-        (Records { tx }, RecordsWriter { thread: Some(thread) })
+        (Records { tx, dropped: Arc::default() }, RecordsWriter { thread: Some(thread) })
     }
 
-    /// Records delivered as JSON lines on a channel (for tests and embedding).
-    pub fn channel() -> (Records, mpsc::UnboundedReceiver<String>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Records { tx }, rx)
+    /// Records delivered as JSON lines on a channel of `capacity` (for tests and embedding).
+    pub fn channel(capacity: usize) -> (Records, mpsc::Receiver<String>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (Records { tx, dropped: Arc::default() }, rx)
+    }
+
+    /// The count of records dropped because the queue was full, for the metrics.
+    pub fn dropped_counter(&self) -> Counter {
+        self.dropped.counter.clone()
     }
 
     /// Writes a handshake record, stamping its time.
@@ -154,14 +183,27 @@ impl Records {
         self.send(record);
     }
 
+    /// Queues a record without ever waiting: a full queue drops it, counted and logged (at most
+    /// one log line a second).
     fn send<T: Serialize>(&self, record: &T) {
-        match serde_json::to_string(record) {
-            Ok(line) => {
-                if self.tx.send(line).is_err() {
-                    tracing::error!("records writer is gone; a record was lost");
+        let line = match serde_json::to_string(record) {
+            Ok(line) => line,
+            Err(e) => return tracing::error!(error = %e, "cannot serialize a record"),
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let d = &self.dropped;
+                d.counter.inc();
+                d.since_log.fetch_add(1, Relaxed);
+                let now = unix_now() as u64;
+                let last = d.logged_at.load(Relaxed);
+                if now > last && d.logged_at.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+                    let dropped = d.since_log.swap(0, Relaxed);
+                    tracing::error!(dropped, queue = QUEUE, "the records queue is full (stdout is not being read fast enough): records dropped");
                 }
             }
-            Err(e) => tracing::error!(error = %e, "cannot serialize a record"),
+            Err(mpsc::error::TrySendError::Closed(_)) => tracing::error!("records writer is gone; a record was lost"),
         }
     }
 }
@@ -184,4 +226,21 @@ pub fn now_rfc3339() -> String {
 /// Now, as unix seconds (what token `exp` and `nbf` are in).
 pub fn unix_now() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_without_waiting() {
+        let (records, mut rx) = Records::channel(2);
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            records.handshake(&mut HandshakeRecord::new("C".into(), "127.0.0.1:1".parse().unwrap(), None));
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "sending never waits for the writer");
+        assert_eq!(records.dropped_counter().get(), 3);
+        assert!(rx.try_recv().is_ok() && rx.try_recv().is_ok() && rx.try_recv().is_err());
+    }
 }

@@ -24,25 +24,25 @@ pub struct Accepted {
     pub current: Arc<Current>,
     pub request: RouteRequest,
     pub headers: ForwardHeaders,
-    /// The connection's place under the limits, or the limit it is over (then it is closed with
-    /// 1013 once upgraded).
-    pub admission: Result<Permit, Outcome>,
+    /// The connection's place under the limits, held until it ends.
+    pub permit: Permit,
+    /// The limit it is over, if any: then it is closed with 1013 once upgraded.
+    pub over: Option<Outcome>,
 }
 
 type Client = TokioIo<Upgraded>;
 
 /// Runs one relayed connection to its end.
 pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
-    let Accepted { pending, current, request, headers, admission } = accepted;
+    let Accepted { pending, current, request, headers, permit, over } = accepted;
     // The 101 must reach the browser within handshake_timeout: a client that stops reading
     // would otherwise hold this task and its limit permit forever.
     let Some((mut pending, mut client)) = pending.upgraded(upgrade, current.config.server.handshake_timeout).await else {
         return;
     };
-    let permit = match admission {
-        Ok(permit) => permit,
-        Err(outcome) => return pending.reject(&mut client, outcome, format!("limit reached: {outcome}")).await,
-    };
+    if let Some(outcome) = over {
+        return pending.reject(&mut client, outcome, format!("limit reached: {outcome}")).await;
+    }
     let connected = {
         // Boxed so its state (TLS and HTTP handshakes) is freed once connected, instead of
         // sizing the long-lived task for it.
@@ -164,6 +164,7 @@ async fn pump_until_closed(app: &Arc<App>, client: Client, upstream: Connected, 
         closed_by: end.ending.closed_by(),
         close_code: end.close_code,
         close_reason: end.close_reason,
+        error: end.error,
     };
     session.finish(closing);
 }

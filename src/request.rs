@@ -2,7 +2,6 @@
 //! whose upgrades are validated here and handed to [`crate::relay`] after the 101.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -13,31 +12,12 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::forwarded;
+use crate::outcome::Outcome;
 use crate::relay::{self, Accepted};
 use crate::respond::{self, Resp};
-use crate::session::Peer;
+use crate::session::ConnContext;
 use crate::upgrade::{self, Refusal};
 use crate::upstream::ForwardHeaders;
-
-/// What the listener knows about the connection a request arrived on.
-pub struct ConnContext {
-    pub app: Arc<App>,
-    pub peer: Peer,
-    /// Set once a request arrives, so a connection that never sends one still gets a record.
-    saw_request: AtomicBool,
-}
-
-impl ConnContext {
-    /// The context of a connection from `peer`.
-    pub fn new(app: &Arc<App>, peer: Peer) -> ConnContext {
-        ConnContext { app: app.clone(), peer, saw_request: AtomicBool::new(false) }
-    }
-
-    /// Whether any request arrived on the connection.
-    pub fn saw_request(&self) -> bool {
-        self.saw_request.load(Ordering::Relaxed)
-    }
-}
 
 /// The answer to a readiness probe: 200 while serving, 503 before every thread accepts and once
 /// draining.
@@ -51,7 +31,7 @@ pub fn readyz(app: &App) -> Resp {
 
 /// Answers one request on the main listener.
 pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Result<Resp, Infallible> {
-    conn.saw_request.store(true, Ordering::Relaxed);
+    conn.note_request();
     let started = Instant::now();
     let app = &conn.app;
     if req.method() == Method::GET {
@@ -64,22 +44,27 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     let current = app.current();
     let client_addr = forwarded::client_addr(req.headers(), conn.peer.client_addr, &current.config.server.trusted_proxies);
     if current.config.diag.enabled && crate::diag::owns(req.uri().path()) {
-        return Ok(crate::diag::handle(req, app, &conn.peer, current, client_addr).await);
+        return Ok(crate::diag::handle(req, &conn, current, client_addr).await);
     }
     let mut pending = upgrade::pending(app, &conn.peer, client_addr, &req, started);
+    // Every request that writes a record takes a handshake token, refused or not.
+    let rate_ok = app.limiter.handshake(client_addr.ip());
 
     let checked = upgrade::check_target(&req, conn.peer.sni.as_deref()).and_then(|()| {
         let request = current.router.match_request(req.uri().path(), req.uri().query())?;
+        pending.record_mut().route = Some(current.router.route(request.route).name.clone());
+        upgrade::validate(&req, &current.config.server.allowed_origins)?;
         Ok(request)
     });
     let request = match checked {
         Ok(r) => r,
+        Err(_) if !rate_ok => return Ok(upgrade::refuse(pending, Refusal::Rate)),
         Err(refusal) => return Ok(upgrade::refuse(pending, refusal)),
     };
-    pending.record_mut().route = Some(current.router.route(request.route).name.clone());
-    if let Err(refusal) = upgrade::validate(&req, &current.config.server.allowed_origins) {
-        return Ok(upgrade::refuse(pending, refusal));
-    }
+    let (permit, over) = match conn.admit(client_addr, rate_ok) {
+        (_, Some(Outcome::OverMaxConnections)) => return Ok(upgrade::refuse(pending, Refusal::AtCapacity)),
+        admitted => admitted,
+    };
 
     // Copied, not cloned: a cloned HeaderValue shares hyper's whole read buffer, which would then
     // live as long as the connection.
@@ -89,16 +74,8 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
         origin: copy(header::ORIGIN),
         forwarded_for: HeaderValue::from_str(&client_addr.ip().to_string()).ok(),
     };
-    // Over a per-address limit the WebSocket is still accepted, then closed with 1013 and a
-    // reason naming the limit: browsers hide HTTP statuses from scripts, but not close codes.
-    // The total cap guards the descriptor budget: a 503 costs nothing more, and a load balancer
-    // in front can retry it elsewhere.
-    let admission = match app.limiter.admit(client_addr.ip()) {
-        Err(crate::outcome::Outcome::OverMaxConnections) => return Ok(upgrade::refuse(pending, Refusal::AtCapacity)),
-        admission => admission,
-    };
     let span = tracing::info_span!("ws", conn_id = %pending.conn_id(), route = %current.router.route(request.route).name);
-    let accepted = Accepted { pending, current, request, headers, admission };
+    let accepted = Accepted { pending, current, request, headers, permit, over };
     let upgrade = hyper::upgrade::on(&mut req);
     app.tracker.spawn(relay::run(app.clone(), upgrade, accepted).instrument(span));
     Ok(upgrade::switching_protocols(&req))

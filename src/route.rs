@@ -31,6 +31,8 @@ pub enum RouteError {
     PathRegion,
     #[error("region in the query is not allowed")]
     QueryRegion,
+    #[error("more than one region in the query")]
+    SeveralQueryRegions,
 }
 
 impl RouteError {
@@ -38,7 +40,7 @@ impl RouteError {
     pub fn outcome(self) -> Outcome {
         match self {
             RouteError::NoRoute => Outcome::NotFound,
-            RouteError::PathRegion | RouteError::QueryRegion => Outcome::BadRegion,
+            RouteError::PathRegion | RouteError::QueryRegion | RouteError::SeveralQueryRegions => Outcome::BadRegion,
         }
     }
 }
@@ -123,7 +125,7 @@ impl Router {
             PathMatch::Route { index, region } => (index, region.map(str::to_string)),
         };
         let query_region = if uses(self.route(index), RegionSource::Query) {
-            match query_region(query) {
+            match query_region(query)? {
                 Some(r) if !self.is_allowed(r) => return Err(RouteError::QueryRegion),
                 r => r.map(str::to_string),
             }
@@ -140,8 +142,14 @@ pub fn uses(route: &Route, source: RegionSource) -> bool {
 }
 
 /// The raw `region` query parameter, if any (not decoded: an encoded region is not allowed).
-pub fn query_region(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|pair| pair.strip_prefix("region="))
+/// More than one is ambiguous (which would a proxy in front have looked at?), so refused.
+pub fn query_region(query: Option<&str>) -> Result<Option<&str>, RouteError> {
+    let mut regions = query.into_iter().flat_map(|q| q.split('&')).filter_map(|pair| pair.strip_prefix("region="));
+    let first = regions.next();
+    match regions.next() {
+        Some(_) => Err(RouteError::SeveralQueryRegions),
+        None => Ok(first),
+    }
 }
 
 /// What the token can tell `choose`: nothing yet (the first message is not read), or its region.
@@ -252,8 +260,11 @@ mod tests {
 
     #[test]
     fn query_region_is_taken_raw() {
-        assert_eq!(query_region(Some("a=1&region=au1")), Some("au1"));
-        assert_eq!(query_region(Some("region=au%31")), Some("au%31"));
-        assert_eq!(query_region(Some("regions=au1")), None);
+        assert_eq!(query_region(Some("a=1&region=au1")), Ok(Some("au1")));
+        assert_eq!(query_region(Some("region=au%31")), Ok(Some("au%31")));
+        assert_eq!(query_region(Some("regions=au1")), Ok(None));
+        assert_eq!(query_region(None), Ok(None));
+        assert_eq!(query_region(Some("region=au1&region=evil.example.com")), Err(RouteError::SeveralQueryRegions));
+        assert_eq!(query_region(Some("region=au1&region=au1")), Err(RouteError::SeveralQueryRegions));
     }
 }

@@ -3,7 +3,6 @@
 //! 1012, wait for them).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,25 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
+use crate::app::{App, StartError};
 use crate::config::Config;
 use crate::listener::Acceptors;
 use crate::records::Records;
 use crate::shutdown::FORCE_GRACE;
 use crate::tls::TlsError;
-
-/// Why the relay could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    #[error("binding the admin listener on {addr}: {source}")]
-    Admin { addr: SocketAddr, source: std::io::Error },
-    #[error("admin.token_file: {0}")]
-    AdminToken(std::io::Error),
-    #[error("starting the server.threads accept threads: {0}")]
-    Threads(std::io::Error),
-}
 
 /// Everything `sigrelay check-config` checks beyond the file itself: that the certificates and
 /// trust anchors load. Returns a one-line summary, or every problem.
@@ -129,7 +115,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
             Some(f) => Some(std::fs::read_to_string(f).map_err(StartError::AdminToken)?.trim().to_string()),
             None => None,
         };
-        helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), token, background.clone())));
+        helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), current.config.admin.clone(), token, background.clone())));
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
     let threads = current.config.server.threads;

@@ -13,7 +13,8 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -39,6 +40,47 @@ pub struct Peer {
     pub sni: Option<String>,
     /// `None` on a plain (no TLS) listener.
     pub tls_ms: Option<f64>,
+}
+
+/// What the listener knows about a connection its requests arrive on.
+pub struct ConnContext {
+    pub app: Arc<App>,
+    pub peer: Peer,
+    /// The connection's place under the limits; the request that upgrades it takes it along.
+    permit: Mutex<Option<Permit>>,
+    /// Set once a request arrives, so a connection that never sends one still gets a record.
+    saw_request: AtomicBool,
+}
+
+impl ConnContext {
+    /// The context of a connection from `peer`, counted by `permit`.
+    pub fn new(app: &Arc<App>, peer: Peer, permit: Permit) -> ConnContext {
+        ConnContext { app: app.clone(), peer, permit: Mutex::new(Some(permit)), saw_request: AtomicBool::new(false) }
+    }
+
+    /// Notes that a request arrived.
+    pub fn note_request(&self) {
+        self.saw_request.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether any request arrived on the connection.
+    pub fn saw_request(&self) -> bool {
+        self.saw_request.load(Ordering::Relaxed)
+    }
+
+    /// Takes the connection's permit along for the request that upgrades it, counted under
+    /// `client`'s address (the client a trusted proxy names), and says which limit, if any, the
+    /// upgrade is over: the total cap (then it is refused with 503, guarding the descriptor
+    /// budget), the per-address limit, or, when `!rate_ok`, the handshake rate.
+    pub fn admit(&self, client: SocketAddr, rate_ok: bool) -> (Permit, Option<Outcome>) {
+        let taken = self.permit.lock().unwrap().take();
+        let mut permit = taken.unwrap_or_else(|| self.app.limiter.connection(client.ip(), true));
+        if client != self.peer.client_addr {
+            self.app.limiter.attribute(&mut permit, client.ip());
+        }
+        let over = permit.over().or((!rate_ok).then_some(Outcome::OverHandshakeRate));
+        (permit, over)
+    }
 }
 
 /// A new connection id: a ULID, unique across a fleet without coordination.
@@ -199,6 +241,8 @@ pub struct Closing {
     /// The code of the close that ended it: the peer's own, or the one the relay sent.
     pub close_code: Option<u16>,
     pub close_reason: Option<String>,
+    /// What the side at fault did, when one broke the protocol.
+    pub error: Option<String>,
 }
 
 /// An opened WebSocket's close record, which only this type writes, and the resources the
@@ -245,6 +289,7 @@ impl OpenSession {
         close.closed_by = Some(closing.closed_by);
         close.close_code = closing.close_code;
         close.close_reason = closing.close_reason;
+        close.error = closing.error;
         close.duration_ms = millis(self.opened.elapsed());
         close.msgs_up = c.msgs_up.load(Relaxed);
         close.msgs_down = c.msgs_down.load(Relaxed);
@@ -262,7 +307,7 @@ impl Drop for OpenSession {
         }
         let stopping = self.app.shutdown.drain.is_cancelled();
         let outcome = if stopping { Outcome::Shutdown } else { Outcome::RelayError };
-        self.write(Closing { outcome, closed_by: Side::Relay, close_code: None, close_reason: None });
+        self.write(Closing { outcome, closed_by: Side::Relay, close_code: None, close_reason: None, error: None });
         debug_assert!(stopping || std::thread::panicking(), "a close record was never finished");
     }
 }

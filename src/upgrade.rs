@@ -48,6 +48,8 @@ pub enum Refusal {
     Key,
     #[error("the relay is at its connection limit")]
     AtCapacity,
+    #[error("too many handshakes from this address")]
+    Rate,
 }
 
 impl Refusal {
@@ -58,6 +60,7 @@ impl Refusal {
             Refusal::Origin => Outcome::ForbiddenOrigin,
             Refusal::NotWebsocket => Outcome::NotWebsocket,
             Refusal::AtCapacity => Outcome::OverMaxConnections,
+            Refusal::Rate => Outcome::OverHandshakeRate,
             Refusal::Connect
             | Refusal::ForeignHost
             | Refusal::NotGet
@@ -180,19 +183,20 @@ pub fn refuse(pending: PendingHandshake, refusal: Refusal) -> Resp {
     let mut resp = respond::text(outcome.http_status(), format!("{outcome}: {refusal} (conn={conn_id})\n"));
     let h = resp.headers_mut();
     match refusal {
+        // Every refusal closes its connection: an attempt that failed has no reason to keep it,
+        // and a client must pay a new connection for each record it makes the relay write.
         Refusal::NotWebsocket => {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, close"));
         }
         Refusal::Version => {
             h.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        Refusal::AtCapacity => {
+        Refusal::AtCapacity | Refusal::Rate => {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static(if refusal == Refusal::Rate { "1" } else { "5" }));
         }
-        // A refused upgrade attempt has no reason to keep its connection.
         _ => {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use http::header::HeaderValue;
 use thiserror::Error;
+use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
@@ -44,16 +45,16 @@ impl fmt::Display for Phase {
 /// Why the gateway could not be reached. Every variant is the upstream's side.
 #[derive(Debug, Error)]
 pub enum UpstreamError {
-    #[error("dns: {0}")]
-    Dns(String),
-    #[error("connect: {0}")]
-    Connect(String),
+    #[error("dns: {host}: {why}")]
+    Dns { host: String, why: String },
+    #[error("connect: {}", .0.iter().map(|(a, e)| format!("{a}: {e}")).collect::<Vec<_>>().join("; "))]
+    Connect(Vec<(SocketAddr, String)>),
     #[error("proxy: {0}")]
     Proxy(String),
     #[error("timeout in the {phase} phase after {}", humantime::format_duration(*.after))]
     Timeout { phase: Phase, after: Duration },
-    #[error("tls: {0}")]
-    Tls(String),
+    #[error("tls: {detail}")]
+    Tls { detail: String, public: &'static str },
     #[error("gateway answered the upgrade with HTTP {status}")]
     Rejected { status: u16 },
     #[error("websocket handshake: {0}")]
@@ -64,14 +65,46 @@ impl UpstreamError {
     /// The handshake record's outcome.
     pub fn outcome(&self) -> Outcome {
         match self {
-            UpstreamError::Dns(_) => Outcome::UpstreamDnsError,
+            UpstreamError::Dns { .. } => Outcome::UpstreamDnsError,
             UpstreamError::Connect(_) => Outcome::UpstreamConnectError,
             UpstreamError::Proxy(_) => Outcome::UpstreamProxyError,
             UpstreamError::Timeout { .. } => Outcome::UpstreamTimeout,
-            UpstreamError::Tls(_) => Outcome::UpstreamTlsError,
+            UpstreamError::Tls { .. } => Outcome::UpstreamTlsError,
             UpstreamError::Rejected { .. } => Outcome::UpstreamRejected,
             UpstreamError::Protocol(_) => Outcome::UpstreamProtocolError,
         }
+    }
+
+    /// The error as anyone may read it (the `/diag` page): without the addresses a name resolved
+    /// to, the `[upstream.resolve]` overrides, the egress proxy or a certificate's names. Records,
+    /// logs, the admin API and `sigrelay diagnose` keep the full text.
+    pub fn public(&self) -> String {
+        match self {
+            UpstreamError::Dns { host, .. } => format!("dns: {host} did not resolve"),
+            UpstreamError::Connect(errors) => {
+                let mut kinds: Vec<&str> = errors.iter().map(|(_, e)| e.as_str()).collect();
+                kinds.dedup();
+                format!("connect: {}", kinds.join("; "))
+            }
+            UpstreamError::Proxy(_) => "proxy: the egress proxy refused or failed".into(),
+            UpstreamError::Tls { public, .. } => format!("tls: {public}"),
+            UpstreamError::Timeout { .. } | UpstreamError::Rejected { .. } | UpstreamError::Protocol(_) => self.to_string(),
+        }
+    }
+
+    fn tls(e: std::io::Error) -> UpstreamError {
+        use rustls::CertificateError as C;
+        let rustls = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+        let public = match rustls {
+            Some(rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. })) => {
+                "the gateway's certificate is not valid for its name"
+            }
+            Some(rustls::Error::InvalidCertificate(C::UnknownIssuer)) => "the gateway's certificate is from an untrusted issuer",
+            Some(rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. })) => "the gateway's certificate has expired",
+            Some(rustls::Error::InvalidCertificate(_)) => "the gateway's certificate was refused",
+            _ => "the TLS handshake failed",
+        };
+        UpstreamError::Tls { detail: e.to_string(), public }
     }
 }
 
@@ -108,21 +141,24 @@ pub struct Connected {
 pub struct Connector {
     tls: TlsConnector,
     resolve: Arc<BTreeMap<String, SocketAddr>>,
-    system_dns: bool,
+    /// `None` when `system_dns` is off: only `resolve` and IP literals are reachable.
+    dns: Option<TokioResolver>,
     timeout: Duration,
     proxy: Option<(String, u16)>,
 }
 
 impl Connector {
-    /// A connector with the config's trust anchors, overrides and timeout.
-    pub fn new(config: &Config, tls: Arc<rustls::ClientConfig>) -> Connector {
-        Connector {
+    /// A connector with the config's trust anchors, overrides, name servers and timeout. Fails
+    /// when DNS is on and its configuration cannot be read.
+    pub fn new(config: &Config, tls: Arc<rustls::ClientConfig>) -> Result<Connector, String> {
+        let u = &config.upstream;
+        Ok(Connector {
             tls: TlsConnector::from(tls),
-            resolve: Arc::new(config.upstream.resolve.clone()),
-            system_dns: config.upstream.system_dns,
-            timeout: config.upstream.connect_timeout,
-            proxy: config.upstream.proxy.clone(),
-        }
+            resolve: Arc::new(u.resolve.clone()),
+            dns: if u.system_dns { Some(resolver(u)?) } else { None },
+            timeout: u.connect_timeout,
+            proxy: u.proxy.clone(),
+        })
     }
 
     /// Connects and upgrades, recording each finished phase in `timings`.
@@ -190,7 +226,7 @@ impl Connector {
                 queued = std::io::Write::write_all(&mut conn.writer(), &request);
             })
             .await
-            .map_err(|e| UpstreamError::Tls(e.to_string()))?;
+            .map_err(UpstreamError::tls)?;
         // Only a request past rustls's 64 KiB plaintext buffer could fail to queue.
         queued.map_err(|e| UpstreamError::Protocol(format!("upgrade request not sent: {e}")))?;
         timings.tls = Some(t.elapsed());
@@ -209,20 +245,45 @@ impl Connector {
         if let Ok(ip) = host.trim_matches(['[', ']']).parse::<std::net::IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
-        if !self.system_dns {
-            return Err(UpstreamError::Dns(format!(
-                "{host} is not in [upstream.resolve] and upstream.system_dns is off"
-            )));
-        }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|e| UpstreamError::Dns(format!("{host}: {e}")))?
-            .collect();
+        let dns_error = |why: String| UpstreamError::Dns { host: host.to_string(), why };
+        let Some(dns) = &self.dns else {
+            return Err(dns_error("not in [upstream.resolve] and upstream.system_dns is off".into()));
+        };
+        // A fully qualified name: no search domains are tried for a gateway's name.
+        let fqdn = format!("{}.", host.trim_end_matches('.'));
+        let found = dns.lookup_ip(fqdn).await.map_err(|e| dns_error(e.to_string()))?;
+        let addrs: Vec<SocketAddr> = found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
         if addrs.is_empty() {
-            return Err(UpstreamError::Dns(format!("{host}: no addresses")));
+            return Err(dns_error("no addresses".into()));
         }
         Ok(addrs)
     }
+}
+
+/// The asynchronous resolver for gateway names: the system's name servers (`/etc/resolv.conf`)
+/// or `[upstream] dns_servers`, answers cached for their TTL, and each lookup abandoned when the
+/// connect it serves gives up (nothing is left running, unlike a blocking `getaddrinfo`).
+fn resolver(settings: &crate::config::UpstreamSettings) -> Result<TokioResolver, String> {
+    use hickory_resolver::config::{NameServerConfig, NameServerConfigGroup, ResolverConfig};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    use hickory_resolver::proto::xfer::Protocol;
+    let mut builder = if settings.dns_servers.is_empty() {
+        hickory_resolver::Resolver::builder_tokio().map_err(|e| format!("reading the system's DNS configuration: {e}"))?
+    } else {
+        let servers: Vec<NameServerConfig> = settings
+            .dns_servers
+            .iter()
+            .flat_map(|a| [NameServerConfig::new(*a, Protocol::Udp), NameServerConfig::new(*a, Protocol::Tcp)])
+            .collect();
+        let config = ResolverConfig::from_parts(None, Vec::new(), NameServerConfigGroup::from(servers));
+        hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
+    };
+    let opts = builder.options_mut();
+    // Within connect_timeout, two tries of each server.
+    opts.timeout = (settings.connect_timeout / 2).min(Duration::from_secs(2)).max(Duration::from_millis(100));
+    opts.attempts = 2;
+    opts.cache_size = 256;
+    Ok(builder.build())
 }
 
 /// Asks an HTTP proxy to open a tunnel (`CONNECT`) and reads its answer, no further.
@@ -270,10 +331,10 @@ async fn connect_any(addrs: &[SocketAddr]) -> Result<(TcpStream, SocketAddr), Up
                 let _ = tcp.set_nodelay(true);
                 return Ok((tcp, *addr));
             }
-            Err(e) => errors.push(format!("{addr}: {e}")),
+            Err(e) => errors.push((*addr, e.to_string())),
         }
     }
-    Err(UpstreamError::Connect(errors.join("; ")))
+    Err(UpstreamError::Connect(errors))
 }
 
 /// How long one of several gateway addresses gets to accept before the next is tried.
@@ -325,20 +386,31 @@ where
         let mut answer = httparse::Response::new(&mut fields);
         match answer.parse(&buf) {
             Ok(httparse::Status::Complete(n)) => {
-                let header = |name: &str| answer.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
-                let is = |name: &str, want: &str| header(name).is_some_and(|v| v.eq_ignore_ascii_case(want.as_bytes()));
+                let header = |name: &str| answer.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.trim_ascii());
+                let lists = |name: &str, want: &str| {
+                    answer.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).any(|h| {
+                        h.value.split(|&b| b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(want.as_bytes()))
+                    })
+                };
                 match answer.code.unwrap_or(0) {
                     101 => {}
                     status => return Err(UpstreamError::Rejected { status }),
                 }
-                if !is("upgrade", "websocket") {
+                if !lists("upgrade", "websocket") {
                     return protocol("101 without Upgrade: websocket");
                 }
-                if !is("sec-websocket-accept", &derive_accept_key(key.as_bytes())) {
+                if !lists("connection", "upgrade") {
+                    return protocol("101 without Connection: Upgrade");
+                }
+                // Base64 is case-sensitive: only the exact key proves the gateway read the request.
+                if header("sec-websocket-accept") != Some(derive_accept_key(key.as_bytes()).as_bytes()) {
                     return protocol("wrong Sec-WebSocket-Accept");
                 }
                 if header("sec-websocket-extensions").is_some() {
                     return protocol("gateway chose an extension that was not offered");
+                }
+                if header("sec-websocket-protocol").is_some() {
+                    return protocol("gateway chose a subprotocol that was not offered");
                 }
                 break n;
             }

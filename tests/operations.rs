@@ -280,6 +280,53 @@ async fn limits_refuse_naming_the_limit() {
     assert_eq!(outcomes, ["ok", "ok", "over_handshake_rate"]);
 }
 
+/// A header read through a buffer: split over two segments, its end in the same segment as the
+/// TLS ClientHello behind it.
+#[tokio::test]
+async fn a_proxy_header_split_and_sharing_a_segment_with_tls_is_read_exactly() {
+    let pki = Pki::new();
+    let mut gw = Gateway::start(&pki, Mode::Echo).await;
+    let mut relay = Relay::to_gateway(&pki, &gw, "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.0/8\"]").await;
+    let header = b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 443\r\n";
+    let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
+    tcp.write_all(&header[..10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Corked, the header's rest and the ClientHello leave in one segment when uncorked.
+    let sock = socket2::SockRef::from(&tcp).try_clone().unwrap();
+    sock.set_tcp_cork(true).unwrap();
+    tcp.write_all(&header[10..]).await.unwrap();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = sock.set_tcp_cork(false);
+    });
+    let connector = tokio_rustls::TlsConnector::from(pki.client_tls());
+    let tls = connector.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    let mut ws = ws_over(tls, "wss://localhost/au1/signaling").await;
+    echo_once(&mut ws, "split").await;
+    assert_eq!(relay.record("handshake").await["client_addr"], "203.0.113.9:51000");
+    gw.event("connection").await;
+}
+
+/// PROXY headers are believed only from the balancers listed; the rest are refused.
+#[tokio::test]
+async fn a_proxy_header_from_an_unlisted_peer_is_refused() {
+    let pki = Pki::new();
+    let gw = Gateway::start(&pki, Mode::Echo).await;
+    let mut relay = Relay::to_gateway(&pki, &gw, "proxy_protocol = true\nproxy_protocol_from = [\"10.0.0.0/8\"]").await;
+    let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut sink)).await;
+    assert!(sink.is_empty());
+    let r = relay.record("handshake").await;
+    assert_eq!(r["outcome"], "bad_proxy_header");
+    assert!(r["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("proxy_protocol_from"), "{r}");
+    // Turning the protocol on without saying which balancers send it is a configuration error.
+    let err = sigrelay::Config::parse("[server]\nproxy_protocol = true\n", "t.toml").unwrap_err();
+    assert!(err.to_string().contains("server.proxy_protocol_from"), "{err}");
+}
+
 async fn proxied_ws(relay: &Relay, pki: &Pki, header: &[u8]) -> WebSocketOverTls {
     let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
     tcp.write_all(header).await.unwrap();
@@ -294,7 +341,7 @@ type WebSocketOverTls = tokio_tungstenite::WebSocketStream<tokio_rustls::client:
 async fn proxy_protocol_v1_v2_and_garbage() {
     let pki = Pki::new();
     let mut gw = Gateway::start(&pki, Mode::Echo).await;
-    let mut relay = Relay::to_gateway(&pki, &gw, "proxy_protocol = true").await;
+    let mut relay = Relay::to_gateway(&pki, &gw, "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.1\"]").await;
 
     let mut ws = proxied_ws(&relay, &pki, b"PROXY TCP4 203.0.113.7 10.0.0.1 51000 443\r\n").await;
     echo_once(&mut ws, "v1").await;

@@ -56,7 +56,7 @@ async fn every_thread_serves_and_drains_its_connections() {
     // accepting on the socket behind it.
     let text = format!("[server]\ncert = {:?}\nkey = {:?}\nthreads = 3\n[admin]\nlisten = \"off\"\n", pki.relay_cert, pki.relay_key);
     let config = sigrelay::Config::parse(&text, "t.toml").unwrap();
-    let app = sigrelay::App::new(config, sigrelay::Records::channel().0).unwrap();
+    let app = sigrelay::App::new(config, sigrelay::Records::channel(1 << 16).0).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let serving = tokio::spawn(sigrelay::serve(app, listener, std::future::pending()));
     expect_threads(2, "two threads beside the caller's").await;

@@ -36,7 +36,7 @@ use crate::outcome::{close_code, Outcome, Side};
 use crate::records::unix_now;
 use crate::respond::{self, Resp};
 use crate::route::{self, RouteRequest, Router};
-use crate::session::{Closing, PendingHandshake, Peer};
+use crate::session::{Closing, ConnContext, PendingHandshake};
 use crate::upgrade::{self, Refusal};
 
 const INDEX_HTML: &str = include_str!("index.html");
@@ -84,7 +84,8 @@ fn json_response(status: StatusCode, value: &Value) -> Resp {
 }
 
 /// Answers a request under `/diag`. `client_addr` is the address records carry.
-pub async fn handle(req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current: Arc<Current>, client_addr: SocketAddr) -> Resp {
+pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Current>, client_addr: SocketAddr) -> Resp {
+    let app = &conn.app;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/diag" | "/diag/") => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
         (&Method::GET, "/diag/diag.js") => respond(StatusCode::OK, "text/javascript; charset=utf-8", DIAG_JS),
@@ -104,9 +105,11 @@ pub async fn handle(req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current
                 return json_response(StatusCode::FORBIDDEN, &json!({"error": "X-Sigrelay-Diag header required"}));
             }
             let (age, probes) = app.probes.probes(&current.config, &app.connector, PROBE_INTERVAL).await;
-            json_response(StatusCode::OK, &json!({"ran_s_ago": age.as_secs_f64(), "probes": &*probes}))
+            // The page is for anyone: no resolved address, override or egress proxy in its errors.
+            let probes: Vec<_> = probes.iter().map(|p| p.redacted()).collect();
+            json_response(StatusCode::OK, &json!({"ran_s_ago": age.as_secs_f64(), "probes": probes}))
         }
-        (&Method::GET, "/diag/echo") => echo_upgrade(req, app, peer, &current, client_addr),
+        (&Method::GET, "/diag/echo") => echo_upgrade(req, conn, &current, client_addr),
         _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
     }
 }
@@ -150,8 +153,11 @@ pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Val
             return json!({"ok": false, "error": format!("the region in {path} is not in the relay's allowed regions")})
         }
         Err(route::RouteError::QueryRegion) => {
-            let r = route::query_region(query).unwrap_or_default();
+            let r = route::query_region(query).ok().flatten().unwrap_or_default();
             return json!({"ok": false, "error": format!("region={r} in the query is not in the relay's allowed regions")});
+        }
+        Err(route::RouteError::SeveralQueryRegions) => {
+            return json!({"ok": false, "error": "the query names more than one region"});
         }
     };
     let route = router.route(request.route);
@@ -170,17 +176,19 @@ pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Val
 }
 
 /// Validates and answers the echo endpoint's upgrade; the session runs in its own task.
-fn echo_upgrade(mut req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current: &Current, client_addr: SocketAddr) -> Resp {
-    let mut pending = upgrade::pending(app, peer, client_addr, &req, Instant::now());
+fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: SocketAddr) -> Resp {
+    let app = &conn.app;
+    let mut pending = upgrade::pending(app, &conn.peer, client_addr, &req, Instant::now());
+    let rate_ok = app.limiter.handshake(client_addr.ip());
     pending.record_mut().route = Some(ECHO_ROUTE.into());
     // No Origin allow-list here: the echo relays nothing, and the relay's own page must reach it
     // whatever origins the app is allowed.
     if let Err(refusal) = upgrade::validate(&req, &[]) {
-        return upgrade::refuse(pending, refusal);
+        return upgrade::refuse(pending, if rate_ok { refusal } else { Refusal::Rate });
     }
-    let admission = match app.limiter.admit(client_addr.ip()) {
-        Err(Outcome::OverMaxConnections) => return upgrade::refuse(pending, Refusal::AtCapacity),
-        admission => admission,
+    let admission = match conn.admit(client_addr, rate_ok) {
+        (_, Some(Outcome::OverMaxConnections)) => return upgrade::refuse(pending, Refusal::AtCapacity),
+        admitted => admitted,
     };
     let span = tracing::info_span!("diag_echo", conn_id = %pending.conn_id());
     let upgrade = hyper::upgrade::on(&mut req);
@@ -191,12 +199,12 @@ fn echo_upgrade(mut req: Request<Incoming>, app: &Arc<App>, peer: &Peer, current
 
 /// The echo session: hello with the connection id, then every data message back, within
 /// [`ECHO_MAX_MESSAGES`] and [`ECHO_LIFETIME`].
-async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, pending: PendingHandshake, admission: Result<Permit, Outcome>) {
+async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, pending: PendingHandshake, admission: (Permit, Option<Outcome>)) {
     let Some((pending, mut io)) = pending.upgraded(upgrade, timeout).await else { return };
-    let permit = match admission {
-        Ok(permit) => permit,
-        Err(outcome) => return pending.reject(&mut io, outcome, "over a limit").await,
-    };
+    let (permit, over) = admission;
+    if let Some(outcome) = over {
+        return pending.reject(&mut io, outcome, "over a limit").await;
+    }
     let session = pending.open(false, Some(permit));
     let conn_id = session.conn_id().to_string();
     let config = WebSocketConfig::default().max_message_size(Some(ECHO_MAX_MESSAGE_SIZE)).max_frame_size(Some(ECHO_MAX_MESSAGE_SIZE));
@@ -257,7 +265,7 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, pending: Pen
         let frame = CloseFrame { code: CloseCode::from(code.unwrap_or(close_code::GOING_AWAY)), reason: reason.clone().into() };
         let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
     }
-    session.finish(Closing { outcome, closed_by, close_code: code, close_reason: (!reason.is_empty()).then_some(reason) });
+    session.finish(Closing { outcome, closed_by, close_code: code, close_reason: (!reason.is_empty()).then_some(reason), error: None });
 }
 
 #[cfg(test)]

@@ -17,8 +17,9 @@ use crate::upstream::Connector;
 pub struct Args {
     #[arg(long, short, env = "SIGRELAY_CONFIG", default_value = "config/sigrelay.toml")]
     config: PathBuf,
-    /// An access token to decode (identity, room, expiry, region, and the gateway it would get).
-    #[arg(long)]
+    /// An access token to decode (identity, room, expiry, region, and the gateway it would get);
+    /// `-` reads it from stdin, which keeps it out of the process list and shell history.
+    #[arg(long, env = "SIGRELAY_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Only this route (by name).
     #[arg(long)]
@@ -39,11 +40,22 @@ pub fn main(args: Args) -> ExitCode {
 
 fn diagnose(args: Args) -> anyhow::Result<bool> {
     let config = Config::load(&args.config)?;
-    let connector = Connector::new(&config, crate::tls::client_config(&config)?);
+    let tls = crate::tls::client_config(&config)?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let probes = rt.block_on(probe_all(&config, &connector, args.route.as_deref(), args.region.as_deref()));
+    let probes = rt.block_on(async {
+        let connector = Connector::new(&config, tls).map_err(anyhow::Error::msg)?;
+        anyhow::Ok(probe_all(&config, &connector, args.route.as_deref(), args.region.as_deref()).await)
+    })?;
     anyhow::ensure!(!probes.is_empty(), "no route or region matches the filters");
-    let (token, token_error) = match args.token.as_deref().map(|t| token_report(&config, t)) {
+    let token = match args.token.as_deref() {
+        Some("-") => {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t).map_err(|e| anyhow::anyhow!("reading the token from stdin: {e}"))?;
+            Some(t)
+        }
+        t => t.map(str::to_string),
+    };
+    let (token, token_error) = match token.as_deref().map(|t| token_report(&config, t)) {
         Some(Ok(t)) => (Some(t), None),
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),

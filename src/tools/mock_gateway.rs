@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::tls;
@@ -201,7 +201,24 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
                 continue;
             }
         };
-        let Some(Ok(msg)) = msg else { break };
+        let msg = match msg {
+            Some(Ok(msg)) => msg,
+            // A conforming endpoint fails the connection with a close that says why (RFC 6455
+            // §7.1.7), then lets the close handshake finish, rather than dropping the socket.
+            Some(Err(e @ (WsError::Utf8(_) | WsError::Protocol(_) | WsError::Capacity(_)))) => {
+                let code = match e {
+                    WsError::Utf8(_) => CloseCode::Invalid,
+                    WsError::Capacity(_) => CloseCode::Size,
+                    _ => CloseCode::Protocol,
+                };
+                close_code = Some(u16::from(code));
+                close_reason = e.to_string();
+                let _ = ws.close(Some(CloseFrame { code, reason: "".into() })).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+                break;
+            }
+            _ => break,
+        };
         let text = match &msg {
             Message::Text(t) => Some(t.as_str().to_string()),
             Message::Close(frame) => {

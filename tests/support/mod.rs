@@ -166,7 +166,7 @@ pub fn resolve_all_to(addr: SocketAddr) -> String {
 /// sigrelay, in-process on 127.0.0.1:0, records on a channel.
 pub struct Relay {
     pub addr: SocketAddr,
-    pub records: UnboundedReceiver<String>,
+    pub records: tokio::sync::mpsc::Receiver<String>,
     pub app: Arc<App>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<tokio::task::JoinHandle<()>>,
@@ -196,7 +196,7 @@ impl Relay {
     }
 
     pub async fn start_config(config: Config) -> Relay {
-        let (records, rx) = Records::channel();
+        let (records, rx) = Records::channel(1 << 20);
         let app = App::new(config, records).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
