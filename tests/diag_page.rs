@@ -129,7 +129,28 @@ async fn probes_report_an_unreachable_gateway() {
     for p in probes {
         assert_eq!(p["ok"], false, "{p}");
         assert_eq!(p["outcome"], "upstream_connect_error", "{p}");
+        // The page is for anyone: the address the name resolved to stays inside.
+        let error = p["error"].as_str().unwrap();
+        assert!(error.starts_with("connect: ") && !error.contains("127.0.0.1") && !error.contains(&closed.port().to_string()), "{p}");
     }
+}
+
+#[tokio::test]
+async fn probes_do_not_reveal_the_egress_proxy_or_the_resolve_overrides() {
+    let pki = Pki::new();
+    let closed = closed_port().await;
+    let proxy = closed_port().await;
+    let relay = Relay::start(&pki, "", &format!("proxy = \"http://127.0.0.1:{}\"", proxy.port()), &resolve_all_to(closed)).await;
+    let post = "POST /diag/api/probes HTTP/1.1\r\nHost: localhost\r\nX-Sigrelay-Diag: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let body = relay.raw(&pki, post).await;
+    let run = body_json(&body);
+    assert!(!run["probes"].as_array().unwrap().is_empty());
+    for needle in ["127.0.0.1", &proxy.port().to_string(), &closed.port().to_string()] {
+        assert!(!body.contains(needle), "{needle} in {body}");
+    }
+    // The admin side (and diagnose) keep the whole error.
+    let probes = sigrelay::probe::probe_all(&relay.app.current().config, &relay.app.connector, Some("signaling"), Some("au1")).await;
+    assert!(probes[0].error.as_deref().unwrap().contains(&proxy.port().to_string()), "{:?}", probes[0]);
 }
 
 #[tokio::test]

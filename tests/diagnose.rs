@@ -73,3 +73,33 @@ fn an_unreachable_gateway_fails_with_its_phase_and_outcome() {
     assert!(text.contains("FAIL upstream_connect_error"), "{text}");
     assert!(text.contains("some checks FAILED"));
 }
+
+/// A token given as `-` is read from stdin, or taken from SIGRELAY_TOKEN: never on the command
+/// line, where the process list and shell history would keep it.
+#[test]
+fn the_token_comes_from_stdin_or_the_environment() {
+    use std::io::Write;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = Pki::new();
+    let gw = rt.block_on(Gateway::start(&pki, Mode::Echo));
+    let file = config(&pki, gw.addr);
+    let args = ["diagnose", "--config", file.to_str().unwrap(), "--route", "signaling", "--region", "au1"];
+
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--token", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{}", token("au1_valid_until_2100")).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("identity   alice"), "{text}");
+
+    let out = Command::new(BIN).args(args).env("SIGRELAY_TOKEN", token("au1_expired_2020")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "an expired token fails the diagnosis: {text}");
+    assert!(text.contains("EXPIRED"), "{text}");
+}

@@ -388,6 +388,18 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     let mut ws = relay.ws_with(&pki, "/au1/signaling", &[("x-forwarded-for", "9.9.9.9, unknown")]).await.unwrap();
     echo_once(&mut ws, "garbled").await;
     assert!(relay.record("handshake").await["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // So does a line that is not visible ASCII: skipping it would let the entry before it through.
+    let mut tls = relay.tls(&pki).await;
+    let mut req = b"GET /au1/signaling HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+        Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Forwarded-For: 198.51.100.1\r\n"
+        .to_vec();
+    req.extend_from_slice(b"X-Forwarded-For: 10.9.9.9 \xe2\x80\x8b\r\n\r\n");
+    tls.write_all(&req).await.unwrap();
+    let mut head = [0u8; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 101");
+    tls.write_all(&sigrelay::frame::close_frame(1000, "", Some([1, 2, 3, 4]))).await.unwrap();
+    assert!(relay.record("handshake").await["client_addr"].as_str().unwrap().starts_with("127.0.0.1:"));
 }
 
 #[tokio::test]

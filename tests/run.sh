@@ -8,6 +8,8 @@
 #   kubernetes-validate    validates config/kubernetes (tests/kubernetes.rs), in a venv from PyPI
 #   sslyze                 audits the listener's TLS (tests/tls_audit.rs), in a venv from PyPI
 #   cargo-fuzz             runs the fuzz targets for a bounded time (tests/fuzz.sh)
+#   Autobahn|Testsuite     wstest's fuzzing client (tests/autobahn.rs), by ../shared/tools/autobahn
+#                          into /opt/autobahn, with its own Python 2.7 (the system's is untouched)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -57,13 +59,19 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     cargo install --locked --quiet cargo-fuzz
 fi
 
+autobahn=../shared/tools/autobahn/setup.sh
+if [ -f "$autobahn" ]; then
+    # Idempotent: a few seconds when already installed.
+    $sudo env AUTOBAHN_SETUP_SELFTEST=0 bash "$autobahn" >/dev/null
+fi
+
 if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
     echo "tests/run.sh: installing the browser test's npm packages"
     (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-# CI=true makes the browser, websocat, Kubernetes and TLS audit tests fail, not skip, when
-# something above is missing.
+# CI=true makes the browser, websocat, Kubernetes, TLS audit and Autobahn tests fail, not skip,
+# when something above is missing.
 cargo test --locked --all-targets
 
 # Every fuzz target for a bounded time (FUZZ_SECONDS each, default 15); longer runs by hand.

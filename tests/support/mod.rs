@@ -358,6 +358,9 @@ pub enum Fault {
     TlsUpgradeThenPartialFrameAndReset(Arc<rustls::ServerConfig>),
     /// Finishes TLS and sends its 101 and a text frame, "greeting", in one write; then holds.
     TlsUpgradeThenGreet(Arc<rustls::ServerConfig>),
+    /// Finishes TLS and answers the upgrade with this head, `{accept}` and `{accept_lower}`
+    /// replaced by the right Sec-WebSocket-Accept (and its lowercase); then holds.
+    TlsUpgradeAnswer(Arc<rustls::ServerConfig>, &'static str),
 }
 
 /// Starts a fault gateway; returns its address.
@@ -376,9 +379,14 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                 }
                 Fault::TlsUpgradeThenSilent(cfg)
                 | Fault::TlsUpgradeThenPartialFrameAndReset(cfg)
-                | Fault::TlsUpgradeThenGreet(cfg) => {
+                | Fault::TlsUpgradeThenGreet(cfg)
+                | Fault::TlsUpgradeAnswer(cfg, _) => {
                     let partial = matches!(&*fault, Fault::TlsUpgradeThenPartialFrameAndReset(_));
                     let greet = matches!(&*fault, Fault::TlsUpgradeThenGreet(_));
+                    let template = match &*fault {
+                        Fault::TlsUpgradeAnswer(_, t) => Some(*t),
+                        _ => None,
+                    };
                     let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
                     tokio::spawn(async move {
                         let Ok(mut tls) = acceptor.accept(tcp).await else { return };
@@ -398,7 +406,10 @@ pub async fn fault_gateway(fault: Fault) -> SocketAddr {
                             .trim()
                             .to_string();
                         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                        let mut resp = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes();
+                        let mut resp = match template {
+                            Some(t) => t.replace("{accept}", &accept).replace("{accept_lower}", &accept.to_lowercase()).into_bytes(),
+                            None => format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n").into_bytes(),
+                        };
                         if greet {
                             resp.extend_from_slice(&[0x81, 8]);
                             resp.extend_from_slice(b"greeting");
@@ -498,6 +509,10 @@ impl RawWs {
         let mut frame = Vec::new();
         sigrelay::frame::encode_frame(&mut frame, sigrelay::frame::OpCode::Text, text.as_bytes(), Some([1, 2, 3, 4]));
         self.tls.write_all(&frame).await.unwrap();
+    }
+
+    pub async fn send_close(&mut self, code: u16, reason: &str) {
+        self.tls.write_all(&sigrelay::frame::close_frame(code, reason, Some([7, 7, 7, 7]))).await.unwrap();
     }
 
     pub async fn send_pong(&mut self) {
