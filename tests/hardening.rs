@@ -46,7 +46,7 @@ async fn a_client_that_pipelines_and_never_reads_is_cut_at_the_handshake_timeout
     let tls = connector.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
     // More responses (2,000 x 15 KiB) than the kernels' socket buffers hold: the relay's writes
     // block. The requests are written from a task of their own, as the relay stops reading them.
-    let (mut reader, mut writer) = tokio::io::split(tls);
+    let (reader, mut writer) = tokio::io::split(tls);
     let requests = "GET /diag/diag.js HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000);
     let pipelining = tokio::spawn(async move {
         let _ = writer.write_all(requests.as_bytes()).await;
