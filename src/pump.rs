@@ -776,6 +776,16 @@ async fn await_other(shared: &Shared<'_>) {
 /// The direction's pinned wait on the stop token.
 type Stopped<'p, 't> = std::pin::Pin<&'p mut tokio_util::sync::WaitForCancellationFuture<'t>>;
 
+/// Runs the pump's frame scanner alone over `bytes`, for the UTF-8 cost benchmark
+/// (`benches/utf8_cost.rs`); returns the messages seen.
+#[doc(hidden)]
+pub fn scan_for_bench(bytes: &[u8], from_browser: bool) -> u64 {
+    let mut scanner = Scanner::new(if from_browser { Side::Client } else { Side::Upstream }, u64::MAX);
+    let (n, stop) = scanner.scan(bytes);
+    assert!(n == bytes.len() && stop.is_none(), "the benchmark's frames are valid");
+    scanner.msgs
+}
+
 /// The timer's next tick, or never when there is no timer.
 async fn tick(timer: &mut Option<tokio::time::Interval>) {
     match timer {
