@@ -8,9 +8,10 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 
 use crate::config::Limits;
@@ -19,7 +20,7 @@ use crate::outcome::Outcome;
 /// The limits in force (reloadable) and the counts (not).
 #[derive(Debug)]
 pub struct Limiter {
-    limits: Mutex<Limits>,
+    limits: ArcSwap<Limits>,
     /// `max_connections` when the config leaves it to the file-descriptor limit.
     derived_max: usize,
     total: Arc<AtomicUsize>,
@@ -93,7 +94,7 @@ impl Limiter {
     /// `derived_max` applies when `limits.max_connections` is unset.
     pub fn new(limits: Limits, derived_max: usize) -> Limiter {
         Limiter {
-            limits: Mutex::new(limits),
+            limits: ArcSwap::from_pointee(limits),
             derived_max,
             total: Arc::default(),
             per_ip: Arc::default(),
@@ -103,16 +104,16 @@ impl Limiter {
 
     /// Puts new limits in force; connections already counted stay.
     pub fn update(&self, limits: Limits) {
-        *self.limits.lock().unwrap() = limits;
+        self.limits.store(Arc::new(limits));
     }
 
-    fn limits(&self) -> Limits {
-        self.limits.lock().unwrap().clone()
+    fn limits(&self) -> arc_swap::Guard<Arc<Limits>> {
+        self.limits.load()
     }
 
     /// The total limit in force.
     pub fn max_connections(&self) -> usize {
-        self.limits.lock().unwrap().max_connections.unwrap_or(self.derived_max)
+        self.limits().max_connections.unwrap_or(self.derived_max)
     }
 
     /// Counts a connection just accepted from `ip` (the TCP peer, or the address its PROXY

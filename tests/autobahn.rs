@@ -87,4 +87,6 @@ async fn autobahn_cases_1_to_7_and_10_pass_through_the_relay() {
         assert_eq!(relayed[*id], "OK", "case {id} through the relay");
     }
     println!("fail-fast cases the echo alone is late on, and the relay is not: {slow:?}");
+    let not_ok: Vec<(&String, &String)> = relayed.iter().filter(|(_, b)| *b != "OK").collect();
+    println!("through the relay, not OK: {not_ok:?}");
 }
