@@ -115,7 +115,7 @@ impl App {
             ("server.tls", was.server.tls != now.server.tls),
             ("server.proxy_protocol", was.server.proxy_protocol != now.server.proxy_protocol),
             ("server.threads", was.server.threads != now.server.threads),
-            ("admin.listen", was.admin.listen != now.admin.listen),
+            ("admin", was.admin != now.admin),
             ("upstream", was.upstream != now.upstream),
         ];
         for (key, changed) in restart_only {

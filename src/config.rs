@@ -87,7 +87,7 @@ pub struct DiagSettings {
 pub const DIAG_PREFIX: &str = "/diag";
 
 /// `[admin]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdminSettings {
     /// `None` when set to `"off"`.
     pub listen: Option<SocketAddr>,

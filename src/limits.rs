@@ -46,6 +46,10 @@ pub fn key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
     }
 }
 
+/// Connections over a limit are still served, so that they can be told why (a 503, or a 101
+/// and a 1013 close); beyond this many over it, they are closed as soon as they are accepted.
+pub const OVERSHOOT: usize = 32;
+
 /// One connection's place under the limits, released when dropped.
 #[must_use = "the connection is uncounted when the permit is dropped"]
 #[derive(Debug)]
@@ -54,23 +58,9 @@ pub struct Permit {
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// The key the connection is counted under, if it is counted per address.
     counted: Option<IpAddr>,
-    over_total: bool,
-    over_per_ip: bool,
 }
 
 impl Permit {
-    /// The limit the connection is over, if any: then it is refused (503 for the total, which
-    /// guards the descriptor budget; a 1013 close for the per-address limit).
-    pub fn over(&self) -> Option<Outcome> {
-        if self.over_total {
-            Some(Outcome::OverMaxConnections)
-        } else if self.over_per_ip {
-            Some(Outcome::OverMaxConnectionsPerIp)
-        } else {
-            None
-        }
-    }
-
     fn uncount_address(&mut self) {
         if let Some(ip) = self.counted.take() {
             if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(ip) {
@@ -119,22 +109,19 @@ impl Limiter {
     /// Counts a connection just accepted from `ip` (the TCP peer, or the address its PROXY
     /// header gave). `by_address` is false for a trusted proxy's own address: its clients are
     /// counted once a request names them ([`Limiter::attribute`]). A connection over a limit is
-    /// counted too, for as long as it holds its descriptor.
-    pub fn connection(&self, ip: IpAddr, by_address: bool) -> Permit {
+    /// counted too, for as long as it holds its descriptor; one more than [`OVERSHOOT`] over it is
+    /// refused here, with the limit it is over.
+    pub fn connection(&self, ip: IpAddr, by_address: bool) -> Result<Permit, Outcome> {
         let limits = self.limits();
-        let max_total = limits.max_connections.unwrap_or(self.derived_max);
-        let over_total = self.total.fetch_add(1, Ordering::Relaxed) >= max_total;
-        let mut permit = Permit {
-            total: self.total.clone(),
-            per_ip: self.per_ip.clone(),
-            counted: None,
-            over_total,
-            over_per_ip: false,
-        };
-        if by_address {
-            self.count_address(&mut permit, ip, &limits);
+        let mut permit = Permit { total: self.total.clone(), per_ip: self.per_ip.clone(), counted: None };
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        if total > limits.max_connections.unwrap_or(self.derived_max) + OVERSHOOT {
+            return Err(Outcome::OverMaxConnections);
         }
-        permit
+        if by_address && self.count_address(&mut permit, ip, &limits) > limits.max_connections_per_ip + OVERSHOOT {
+            return Err(Outcome::OverMaxConnectionsPerIp);
+        }
+        Ok(permit)
     }
 
     /// Counts `permit`'s connection under `ip` instead of where it was: the client a trusted
@@ -148,12 +135,24 @@ impl Limiter {
         self.count_address(permit, ip, &limits);
     }
 
-    fn count_address(&self, permit: &mut Permit, ip: IpAddr, limits: &Limits) {
+    /// Counts the connection under `ip`'s key; returns the key's count with it.
+    fn count_address(&self, permit: &mut Permit, ip: IpAddr, limits: &Limits) -> usize {
         let k = key(ip, limits.ipv6_prefix);
         let mut count = self.per_ip.entry(k).or_insert(0);
-        permit.over_per_ip = *count >= limits.max_connections_per_ip;
         *count += 1;
         permit.counted = Some(k);
+        *count
+    }
+
+    /// The limit `permit`'s connection is over now, if any, counting it: the total (refused with
+    /// 503, which guards the descriptor budget) or its address's (a 1013 close).
+    pub fn over(&self, permit: &Permit) -> Option<Outcome> {
+        let limits = self.limits();
+        if self.total() > limits.max_connections.unwrap_or(self.derived_max) {
+            return Some(Outcome::OverMaxConnections);
+        }
+        let count = permit.counted.and_then(|k| self.per_ip.get(&k).map(|c| *c)).unwrap_or(0);
+        (count > limits.max_connections_per_ip).then_some(Outcome::OverMaxConnectionsPerIp)
     }
 
     /// Takes one token from `ip`'s handshake bucket; false when it is empty. Every request that
@@ -208,18 +207,25 @@ mod tests {
         let l = Limiter::new(limits(Some(3), 2, 1000.0, 1000.0), 100);
         let a: IpAddr = [10, 0, 0, 1].into();
         let b: IpAddr = [10, 0, 0, 2].into();
-        let p1 = l.connection(a, true);
-        let p2 = l.connection(a, true);
-        assert_eq!((p1.over(), p2.over()), (None, None));
-        let p3 = l.connection(a, true);
-        assert_eq!(p3.over(), Some(Outcome::OverMaxConnectionsPerIp));
+        let p1 = l.connection(a, true).unwrap();
+        let p2 = l.connection(a, true).unwrap();
+        assert_eq!((l.over(&p1), l.over(&p2)), (None, None));
+        let p3 = l.connection(a, true).unwrap();
+        assert_eq!(l.over(&p3), Some(Outcome::OverMaxConnectionsPerIp));
         drop(p3);
-        let p4 = l.connection(b, true);
-        assert_eq!(p4.over(), None);
-        assert_eq!(l.connection(b, true).over(), Some(Outcome::OverMaxConnections));
+        let p4 = l.connection(b, true).unwrap();
+        assert_eq!(l.over(&p4), None);
+        let p5 = l.connection(b, true).unwrap();
+        assert_eq!(l.over(&p5), Some(Outcome::OverMaxConnections));
+        drop(p5);
         drop(p1);
-        let p5 = l.connection(b, true);
-        assert_eq!(p5.over(), None);
+        let p6 = l.connection(b, true).unwrap();
+        assert_eq!(l.over(&p6), None);
+        assert_eq!(l.total(), 3);
+        // Over a limit by more than the overshoot, a connection is refused at accept.
+        let over: Vec<_> = (0..OVERSHOOT).map(|_| l.connection(b, false).unwrap()).collect();
+        assert_eq!(l.connection(b, false).err(), Some(Outcome::OverMaxConnections));
+        drop(over);
         assert_eq!(l.total(), 3);
     }
 
@@ -227,14 +233,14 @@ mod tests {
     fn a_trusted_proxys_connections_count_under_the_clients_they_name() {
         let l = Limiter::new(limits(None, 1, 1000.0, 1000.0), 100);
         let proxy: IpAddr = [10, 0, 0, 9].into();
-        let mut p1 = l.connection(proxy, false);
-        let mut p2 = l.connection(proxy, false);
-        assert_eq!((p1.over(), p2.over()), (None, None), "the proxy's own address is not limited");
+        let mut p1 = l.connection(proxy, false).unwrap();
+        let mut p2 = l.connection(proxy, false).unwrap();
+        assert_eq!((l.over(&p1), l.over(&p2)), (None, None), "the proxy's own address is not limited");
         l.attribute(&mut p1, "203.0.113.7".parse().unwrap());
         l.attribute(&mut p2, "203.0.113.7".parse().unwrap());
-        assert_eq!((p1.over(), p2.over()), (None, Some(Outcome::OverMaxConnectionsPerIp)));
+        assert_eq!(l.over(&p2), Some(Outcome::OverMaxConnectionsPerIp));
         l.attribute(&mut p2, "203.0.113.8".parse().unwrap());
-        assert_eq!(p2.over(), None, "re-attributed to a client with room");
+        assert_eq!((l.over(&p1), l.over(&p2)), (None, None), "re-attributed to a client with room");
     }
 
     #[test]
@@ -245,9 +251,11 @@ mod tests {
         assert_eq!(key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
         assert_eq!(key(ip("::ffff:10.0.0.1"), 64), ip("10.0.0.1"));
         let l = Limiter::new(limits(None, 1, 1000.0, 1000.0), 100);
-        let _a = l.connection(ip("2001:db8::1"), true);
-        assert_eq!(l.connection(ip("2001:db8::2"), true).over(), Some(Outcome::OverMaxConnectionsPerIp));
-        assert_eq!(l.connection(ip("2001:db8:0:1::2"), true).over(), None);
+        let _a = l.connection(ip("2001:db8::1"), true).unwrap();
+        let same_64 = l.connection(ip("2001:db8::2"), true).unwrap();
+        assert_eq!(l.over(&same_64), Some(Outcome::OverMaxConnectionsPerIp));
+        let other_64 = l.connection(ip("2001:db8:0:1::2"), true).unwrap();
+        assert_eq!(l.over(&other_64), None);
     }
 
     #[test]

@@ -200,15 +200,20 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
     let deadline = started + limit;
     let trusted = |ip: &std::net::IpAddr, nets: &[ipnet::IpNet]| nets.iter().any(|n| n.contains(ip));
     async {
-        let early_failure = |client_addr, outcome: Outcome, why: String| {
+        let early_failure = |client_addr: SocketAddr, outcome: Outcome, why: String| {
             tracing::debug!(%outcome, error = %why, "connection failed before a request");
-            let peer = Peer { client_addr, sni: None, tls_ms: None };
-            let _ = PendingHandshake::new(&app, &peer, started).fail(outcome, why);
+            record_early(&app, &Peer { client_addr, sni: None, tls_ms: None }, started, outcome, why);
         };
         // A trusted proxy's own address is not limited per address: its clients are, once its
         // requests name them.
         let by_address = !trusted(&peer.ip(), &server.trusted_proxies) && !app.proxy_protocol;
-        let mut permit = app.limiter.connection(peer.ip(), by_address);
+        let mut permit = match app.limiter.connection(peer.ip(), by_address) {
+            Ok(p) => p,
+            Err(outcome) => {
+                let why = format!("more than {} connections over the limit: closed at accept", crate::limits::OVERSHOOT);
+                return early_failure(peer, outcome, why);
+            }
+        };
         let mut client_addr = peer;
         let io = if app.proxy_protocol {
             if !trusted(&peer.ip(), &server.proxy_protocol_from) {
@@ -217,11 +222,12 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             }
             match crate::proxy_protocol::read(tcp, deadline).await {
                 Ok((addr, io)) => {
+                    // A header without an address is the balancer's own health check.
                     if let Some(addr) = addr {
                         client_addr = addr;
                         tracing::Span::current().record("client", tracing::field::display(addr));
+                        app.limiter.attribute(&mut permit, addr.ip());
                     }
-                    app.limiter.attribute(&mut permit, client_addr.ip());
                     io
                 }
                 Err(why) => return early_failure(peer, Outcome::BadProxyHeader, why),
@@ -230,7 +236,7 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             Prefixed::new(&[], tcp)
         };
         let Some(acceptor) = &app.tls else {
-            let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None }, permit);
+            let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None }, started, permit);
             return serve_http(&app, io, conn, deadline, started).await;
         };
         let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
@@ -245,11 +251,23 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
         }
-        let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) }, permit);
+        let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) }, started, permit);
         serve_http(&app, tls, conn, deadline, started).await
     }
     .instrument(span)
     .await
+}
+
+/// Writes the record of a connection that failed before any request. Such records cost a client
+/// nothing to cause, so each takes a handshake token from its address; past the rate they are
+/// counted in the metrics but not written, and cannot push real records out of the queue.
+fn record_early(app: &Arc<App>, peer: &Peer, started: Instant, outcome: Outcome, why: String) {
+    let pending = PendingHandshake::new(app, peer, started);
+    if app.limiter.handshake(peer.client_addr.ip()) {
+        let _ = pending.fail(outcome, why);
+    } else {
+        pending.suppress(outcome);
+    }
 }
 
 /// How long a response in flight may still take once the pre-upgrade deadline has passed.
@@ -296,7 +314,7 @@ where
             (None, Some(Err(e))) => (Outcome::NoRequest, e.to_string()),
             (None, _) => (Outcome::NoRequest, "connection closed before a request".to_string()),
         };
-        let _ = PendingHandshake::new(app, &conn.peer, started).fail(outcome, why);
+        record_early(app, &conn.peer, started, outcome, why);
     } else {
         match (cut, result) {
             (Some(Cut::Deadline), _) => tracing::debug!("connection closed: no upgrade within handshake_timeout"),

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub bytes: Family<DirectionLabel, Counter>,
     pub handshake_seconds: Family<RouteOutcome, Histogram>,
     pub upstream_phase_seconds: Family<PhaseLabel, Histogram>,
+    /// Records not written because their address had used up its handshake tokens.
+    pub records_suppressed: Counter,
     /// `messages{direction="up"}` and the like, resolved once so the pump adds without a lookup.
     pub msgs_up: Counter,
     pub msgs_down: Counter,
@@ -73,6 +75,12 @@ impl Metrics {
         registry.register("handshake_duration_seconds", "Time from request to handshake outcome", handshake_seconds.clone());
         registry.register("upstream_phase_duration_seconds", "Time of each gateway connection phase", upstream_phase_seconds.clone());
         registry.register("records_dropped", "Records dropped because stdout was not read fast enough", records_dropped);
+        let records_suppressed = Counter::default();
+        registry.register(
+            "records_suppressed",
+            "Records of connections that failed before a request, not written because their address was over its handshake rate (still counted in handshakes)",
+            records_suppressed.clone(),
+        );
         let dir = |d| DirectionLabel { direction: d };
         let msgs_up = messages.get_or_create(&dir("up")).clone();
         let msgs_down = messages.get_or_create(&dir("down")).clone();
@@ -91,6 +99,7 @@ impl Metrics {
             bytes,
             handshake_seconds,
             upstream_phase_seconds,
+            records_suppressed,
         }
     }
 

@@ -8,10 +8,12 @@
 //! size and a slow reader slows its writer (`write_all` is awaited before the next read).
 //!
 //! When one side breaks the protocol (bad framing, invalid UTF-8, a message over the limit), the
-//! frames it sent before the bad one are forwarded, the other side gets a 1001 close, and what
-//! that side already sent still reaches the sender until it answers the close; only then does
-//! the sender get its own close (1002, 1007 or 1009). A byte pipe in front of a conforming
-//! endpoint behaves the same way.
+//! frames it sent before the bad one are forwarded, the other side gets the relay's close (1001;
+//! 1014 to the browser when the gateway broke the framing), and what that side already sent still
+//! reaches the sender until it answers the close; only then does the sender get its own close
+//! (1002, 1007 or 1009). A byte pipe in front of a conforming endpoint behaves the same way.
+//! After any close of the relay's own, each side gets a moment to answer it before its socket is
+//! dropped, so a browser's reply does not meet a reset.
 //!
 //! It is generic over `AsyncRead`/`AsyncWrite`, so unit tests drive it with in-memory pipes.
 
@@ -33,6 +35,8 @@ pub const BUF_SIZE: usize = 4096;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long the relay's own close frame and TLS close may take to write.
 const FINAL_WRITE: Duration = Duration::from_secs(1);
+/// How long a side the relay closed gets to answer before its socket is dropped.
+const LINGER: Duration = Duration::from_millis(500);
 
 /// Messages and bytes relayed so far, shared with whoever reports on the connection.
 #[derive(Debug, Default)]
@@ -475,11 +479,11 @@ impl Scanner {
 
     fn end_frame(&mut self) -> Result<(), Fault> {
         if self.fin_pending {
-            self.msgs += 1;
             self.fin_pending = false;
             if self.text && !self.utf8.complete() {
                 return Err(Fault::InvalidUtf8);
             }
+            self.msgs += 1;
         }
         Ok(())
     }
@@ -535,6 +539,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let from = self.scanner.from;
         let second = shared.finished.fetch_add(1, Ordering::SeqCst) == 1;
         let decide = |ending, peer_close, error| shared.decide(Decided { ending, peer_close, error });
+        // Whether the reading side is still there to answer a close of the relay's own.
+        let reader_open = matches!(end, DirEnd::Stopped | DirEnd::Fault(_));
         match end {
             DirEnd::ForwardedClose(code, reason) => {
                 self.close_sent = true;
@@ -566,6 +572,34 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         }
         shared.stop.cancel();
         self.finish(shared).await;
+        // The relay closed this direction's reading side itself: let it answer before its socket
+        // is dropped (RFC 6455 §7.1.1), so its answer does not meet a reset.
+        let ending = shared.ending();
+        if reader_open && ending.close_code_for(from).is_some() {
+            self.linger().await;
+        }
+    }
+
+    /// Reads what the reading side still sends, for at most [`LINGER`], until its close or the
+    /// end of its stream; nothing of it is forwarded.
+    async fn linger(&mut self) {
+        let _ = tokio::time::timeout(LINGER, async {
+            loop {
+                let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
+                if stop.is_some() {
+                    return;
+                }
+                self.start += n;
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                match self.reader.read(&mut self.buf[self.end..]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.end += n,
+                }
+            }
+        })
+        .await;
     }
 
     /// Sends the relay's close for `ending` to this direction's writer, if the writer can take a
@@ -1031,6 +1065,33 @@ mod tests {
             let (end, _) = h.task.await.unwrap();
             assert_eq!((end.ending, end.error.as_deref()), (Ending::ProtocolError(Side::Client), Some(error)));
         }
+    }
+
+    #[tokio::test]
+    async fn a_message_cut_short_inside_a_sequence_is_not_counted() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let mut batch = text("hello", true);
+        batch.extend(frame_of(OpCode::Text, b"\xce", true, true));
+        h.browser.write_all(&batch).await.unwrap();
+        assert_eq!(read_frame(&mut h.gateway).await, text("hello", true));
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001));
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        assert_eq!(close_of(&read_to_end(&mut h.browser).await).0, Some(1007));
+        let (_, c) = h.task.await.unwrap();
+        assert_eq!(c[0], 1, "only the message that reached the gateway");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_side_the_relay_closes_may_answer_before_its_socket_is_dropped() {
+        let mut h = start(Vec::new(), 1 << 20);
+        h.shutdown.cancel();
+        assert_eq!(close_of(&read_frame(&mut h.browser).await).0, Some(1012));
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1012));
+        let started = tokio::time::Instant::now();
+        h.browser.write_all(&close_frame(1012, "", Some([1, 2, 3, 4]))).await.unwrap();
+        h.gateway.write_all(&close_frame(1012, "", None)).await.unwrap();
+        h.task.await.unwrap();
+        assert!(started.elapsed() < LINGER, "the answers end the wait: {:?}", started.elapsed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,11 +12,10 @@ use tracing::Instrument;
 
 use crate::app::App;
 use crate::forwarded;
-use crate::outcome::Outcome;
 use crate::relay::{self, Accepted};
 use crate::respond::{self, Resp};
 use crate::session::ConnContext;
-use crate::upgrade::{self, Refusal};
+use crate::upgrade::{self, Admitted};
 use crate::upstream::ForwardHeaders;
 
 /// The answer to a readiness probe: 200 while serving, 503 before every thread accepts and once
@@ -29,42 +28,46 @@ pub fn readyz(app: &App) -> Resp {
     }
 }
 
-/// Answers one request on the main listener.
-pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Result<Resp, Infallible> {
+/// Answers one request on the main listener. Past half its pre-upgrade budget
+/// (`handshake_timeout` from its accept) a connection's answers say `Connection: close`, so a
+/// client's next request opens a fresh connection rather than being cut at the deadline.
+pub async fn handle(req: Request<Incoming>, conn: Arc<ConnContext>) -> Result<Resp, Infallible> {
+    let budget = conn.app.current().config.server.handshake_timeout;
+    let mut resp = answer(req, &conn).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS && conn.accepted.elapsed() > budget / 2 {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+async fn answer(mut req: Request<Incoming>, conn: &Arc<ConnContext>) -> Resp {
     conn.note_request();
     let started = Instant::now();
     let app = &conn.app;
     if req.method() == Method::GET {
         match req.uri().path() {
-            "/healthz" => return Ok(respond::text(StatusCode::OK, "ok\n")),
-            "/readyz" => return Ok(readyz(app)),
+            "/healthz" => return respond::text(StatusCode::OK, "ok\n"),
+            "/readyz" => return readyz(app),
             _ => {}
         }
     }
     let current = app.current();
     let client_addr = forwarded::client_addr(req.headers(), conn.peer.client_addr, &current.config.server.trusted_proxies);
     if current.config.diag.enabled && crate::diag::owns(req.uri().path()) {
-        return Ok(crate::diag::handle(req, &conn, current, client_addr).await);
+        return crate::diag::handle(req, conn, current, client_addr, started).await;
     }
     let mut pending = upgrade::pending(app, &conn.peer, client_addr, &req, started);
-    // Every request that writes a record takes a handshake token, refused or not.
-    let rate_ok = app.limiter.handshake(client_addr.ip());
-
-    let checked = upgrade::check_target(&req, conn.peer.sni.as_deref()).and_then(|()| {
-        let request = current.router.match_request(req.uri().path(), req.uri().query())?;
+    let routed = upgrade::check_target(&req, conn.peer.sni.as_deref())
+        .and_then(|()| Ok(current.router.match_request(req.uri().path(), req.uri().query())?));
+    if let Ok(request) = &routed {
         pending.record_mut().route = Some(current.router.route(request.route).name.clone());
-        upgrade::validate(&req, &current.config.server.allowed_origins)?;
-        Ok(request)
-    });
-    let request = match checked {
-        Ok(r) => r,
-        Err(_) if !rate_ok => return Ok(upgrade::refuse(pending, Refusal::Rate)),
-        Err(refusal) => return Ok(upgrade::refuse(pending, refusal)),
+    }
+    let checked = routed.as_ref().map(drop).map_err(|refusal| *refusal);
+    let Admitted { pending, permit, over } = match upgrade::admit(conn, pending, &req, client_addr, &current.config.server.allowed_origins, checked) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
     };
-    let (permit, over) = match conn.admit(client_addr, rate_ok) {
-        (_, Some(Outcome::OverMaxConnections)) => return Ok(upgrade::refuse(pending, Refusal::AtCapacity)),
-        admitted => admitted,
-    };
+    let request = routed.expect("an admitted upgrade was routed");
 
     // Copied, not cloned: a cloned HeaderValue shares hyper's whole read buffer, which would then
     // live as long as the connection.
@@ -78,5 +81,5 @@ pub async fn handle(mut req: Request<Incoming>, conn: Arc<ConnContext>) -> Resul
     let accepted = Accepted { pending, current, request, headers, permit, over };
     let upgrade = hyper::upgrade::on(&mut req);
     app.tracker.spawn(relay::run(app.clone(), upgrade, accepted).instrument(span));
-    Ok(upgrade::switching_protocols(&req))
+    upgrade::switching_protocols(&req)
 }

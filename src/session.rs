@@ -46,6 +46,9 @@ pub struct Peer {
 pub struct ConnContext {
     pub app: Arc<App>,
     pub peer: Peer,
+    /// When the connection was accepted: everything before its upgrade must fit in
+    /// `handshake_timeout` from here.
+    pub accepted: Instant,
     /// The connection's place under the limits; the request that upgrades it takes it along.
     permit: Mutex<Option<Permit>>,
     /// Set once a request arrives, so a connection that never sends one still gets a record.
@@ -53,9 +56,9 @@ pub struct ConnContext {
 }
 
 impl ConnContext {
-    /// The context of a connection from `peer`, counted by `permit`.
-    pub fn new(app: &Arc<App>, peer: Peer, permit: Permit) -> ConnContext {
-        ConnContext { app: app.clone(), peer, permit: Mutex::new(Some(permit)), saw_request: AtomicBool::new(false) }
+    /// The context of a connection from `peer`, accepted at `accepted` and counted by `permit`.
+    pub fn new(app: &Arc<App>, peer: Peer, accepted: Instant, permit: Permit) -> ConnContext {
+        ConnContext { app: app.clone(), peer, accepted, permit: Mutex::new(Some(permit)), saw_request: AtomicBool::new(false) }
     }
 
     /// Notes that a request arrived.
@@ -68,18 +71,23 @@ impl ConnContext {
         self.saw_request.load(Ordering::Relaxed)
     }
 
-    /// Takes the connection's permit along for the request that upgrades it, counted under
-    /// `client`'s address (the client a trusted proxy names), and says which limit, if any, the
-    /// upgrade is over: the total cap (then it is refused with 503, guarding the descriptor
-    /// budget), the per-address limit, or, when `!rate_ok`, the handshake rate.
-    pub fn admit(&self, client: SocketAddr, rate_ok: bool) -> (Permit, Option<Outcome>) {
-        let taken = self.permit.lock().unwrap().take();
-        let mut permit = taken.unwrap_or_else(|| self.app.limiter.connection(client.ip(), true));
+    /// Which limit an upgrade from `client` is over, if any, once the connection counts under
+    /// `client`'s address (the client a trusted proxy names): the total cap (then it is refused
+    /// with 503, guarding the descriptor budget), the per-address limit, or, when `!rate_ok`,
+    /// the handshake rate.
+    pub fn over_limit(&self, client: SocketAddr, rate_ok: bool) -> Option<Outcome> {
+        let limiter = &self.app.limiter;
+        let mut permit = self.permit.lock().unwrap();
+        let permit = permit.as_mut().expect("only the request that upgrades takes the permit");
         if client != self.peer.client_addr {
-            self.app.limiter.attribute(&mut permit, client.ip());
+            limiter.attribute(permit, client.ip());
         }
-        let over = permit.over().or((!rate_ok).then_some(Outcome::OverHandshakeRate));
-        (permit, over)
+        limiter.over(permit).or((!rate_ok).then_some(Outcome::OverHandshakeRate))
+    }
+
+    /// The connection's permit, for the request that upgrades it to take along.
+    pub fn take_permit(&self) -> Permit {
+        self.permit.lock().unwrap().take().expect("a connection upgrades once")
     }
 }
 
@@ -139,6 +147,17 @@ impl PendingHandshake {
         let conn_id = record.conn_id.clone();
         self.write();
         conn_id
+    }
+
+    /// Counts an attempt that failed in the metrics without writing its record: for connections
+    /// that failed before a request once their address has used up its handshake tokens, so a
+    /// flood of them cannot push real records out of the queue.
+    pub fn suppress(mut self, outcome: Outcome) {
+        if let Some(mut record) = self.record.take() {
+            record.outcome = Some(outcome);
+            self.app.metrics.handshake(&record);
+            self.app.metrics.records_suppressed.inc();
+        }
     }
 
     /// Writes the record of an attempt that became a WebSocket (outcome `ok`) and returns the

@@ -15,10 +15,11 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::app::App;
 use crate::config::OriginPattern;
+use crate::limits::Permit;
 use crate::outcome::Outcome;
 use crate::respond::{self, Resp};
 use crate::route::RouteError;
-use crate::session::{PendingHandshake, Peer};
+use crate::session::{ConnContext, PendingHandshake, Peer};
 
 /// Why a request is refused before the upgrade. Every one is the client's doing, except
 /// [`Refusal::AtCapacity`], which is the relay's.
@@ -162,6 +163,38 @@ pub fn validate(req: &Request<Incoming>, origins: &[OriginPattern]) -> Result<()
         return Err(Refusal::Key);
     }
     Ok(())
+}
+
+/// An upgrade the limits let through: its pending record, the connection's permit, and the limit
+/// it is over (per address, or the handshake rate), if any: then it is accepted all the same and
+/// closed with 1013 once upgraded, since a page can read a close code but not an HTTP status.
+pub struct Admitted {
+    pub pending: PendingHandshake,
+    pub permit: Permit,
+    pub over: Option<Outcome>,
+}
+
+/// What every upgrade on the main listener passes after the caller's own checks (`checked`: the
+/// route's, say): a handshake token for `client` (every request takes one, refused or not), the
+/// RFC 6455 checks with `origins`, then the limits. A refusal is answered here, its record
+/// written.
+pub fn admit(
+    conn: &ConnContext,
+    pending: PendingHandshake,
+    req: &Request<Incoming>,
+    client: SocketAddr,
+    origins: &[OriginPattern],
+    checked: Result<(), Refusal>,
+) -> Result<Admitted, Resp> {
+    let rate_ok = conn.app.limiter.handshake(client.ip());
+    if let Err(refusal) = checked.and_then(|()| validate(req, origins)) {
+        return Err(refuse(pending, if rate_ok { refusal } else { Refusal::Rate }));
+    }
+    match conn.over_limit(client, rate_ok) {
+        // The permit stays with the connection, counted until the 503 is sent and it closes.
+        Some(Outcome::OverMaxConnections) => Err(refuse(pending, Refusal::AtCapacity)),
+        over => Ok(Admitted { pending, permit: conn.take_permit(), over }),
+    }
 }
 
 /// The 101 that accepts a validated upgrade.

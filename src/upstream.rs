@@ -279,8 +279,9 @@ fn resolver(settings: &crate::config::UpstreamSettings) -> Result<TokioResolver,
         hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
     };
     let opts = builder.options_mut();
-    // Within connect_timeout, two tries of each server.
-    opts.timeout = (settings.connect_timeout / 2).min(Duration::from_secs(2)).max(Duration::from_millis(100));
+    // Two tries of a server take at most half of connect_timeout, leaving the rest for TCP and
+    // TLS. Each server is listed for UDP and for TCP (used when an answer is truncated).
+    opts.timeout = (settings.connect_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
     opts.attempts = 2;
     opts.cache_size = 256;
     Ok(builder.build())

@@ -107,6 +107,49 @@ async fn connections_before_their_upgrade_count_against_the_limits() {
 }
 
 #[tokio::test]
+async fn far_over_a_limit_a_connection_is_closed_at_accept_and_its_records_pay_the_rate() {
+    let pki = Pki::new();
+    let gw = Gateway::start(&pki, Mode::Echo).await;
+    let extra = format!("{}[limits]\nmax_connections_per_ip = 1\nhandshakes_per_ip_per_s = 0.01\nhandshake_burst = 3\n", resolve_all_to(gw.addr));
+    let mut relay = Relay::start(&pki, "handshake_timeout = \"5s\"", "", &extra).await;
+    // One within the limit and 32 over it are held (to be told why, were they to upgrade).
+    let held: Vec<TcpStream> = futures_util::future::join_all((0..33).map(|_| TcpStream::connect(relay.addr))).await.into_iter().map(Result::unwrap).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relay.app.limiter.total(), 33);
+    // The next is closed before any TLS.
+    let mut refused = TcpStream::connect(relay.addr).await.unwrap();
+    assert!(closes_within(&mut refused, Duration::from_secs(2)).await);
+    let r = relay.record("handshake").await;
+    assert_eq!(r["outcome"], "over_max_connections_per_ip");
+    assert!(r["error"].as_str().unwrap().contains("closed at accept"), "{r}");
+    // Two more early failures use up the burst of three; the rest are counted, not written.
+    for _ in 0..4 {
+        drop(TcpStream::connect(relay.addr).await.unwrap());
+    }
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let metrics = relay.app.metrics.encode();
+    let suppressed = metrics.lines().find_map(|l| l.strip_prefix("sigrelay_records_suppressed_total ")).unwrap().trim().parse::<f64>().unwrap();
+    assert!(suppressed >= 33.0, "{suppressed}: past the burst of three, early failures are counted, not written");
+}
+
+#[tokio::test]
+async fn past_half_its_budget_a_connection_is_asked_to_close() {
+    let pki = Pki::new();
+    let relay = Relay::start(&pki, "handshake_timeout = \"2s\"", "", "").await;
+    let mut tls = relay.tls(&pki).await;
+    let mut get = async |tls: &mut tokio_rustls::client::TlsStream<TcpStream>| {
+        tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut head = vec![0u8; 1024];
+        let n = tls.read(&mut head).await.unwrap();
+        String::from_utf8_lossy(&head[..n]).to_lowercase()
+    };
+    assert!(!get(&mut tls).await.contains("connection: close"));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(get(&mut tls).await.contains("connection: close"), "a fresh connection for the next request");
+}
+
+#[tokio::test]
 async fn ipv6_clients_count_by_their_64_and_mapped_ipv4_as_ipv4() {
     let pki = Pki::new();
     let gw = Gateway::start(&pki, Mode::Echo).await;

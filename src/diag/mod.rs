@@ -31,13 +31,12 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::Instrument;
 
 use crate::app::{App, Current};
-use crate::limits::Permit;
 use crate::outcome::{close_code, Outcome, Side};
 use crate::records::unix_now;
 use crate::respond::{self, Resp};
 use crate::route::{self, RouteRequest, Router};
-use crate::session::{Closing, ConnContext, PendingHandshake};
-use crate::upgrade::{self, Refusal};
+use crate::session::{Closing, ConnContext};
+use crate::upgrade::{self, Admitted};
 
 const INDEX_HTML: &str = include_str!("index.html");
 const DIAG_JS: &str = include_str!("diag.js");
@@ -84,7 +83,7 @@ fn json_response(status: StatusCode, value: &Value) -> Resp {
 }
 
 /// Answers a request under `/diag`. `client_addr` is the address records carry.
-pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Current>, client_addr: SocketAddr) -> Resp {
+pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Current>, client_addr: SocketAddr, started: Instant) -> Resp {
     let app = &conn.app;
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/diag" | "/diag/") => respond(StatusCode::OK, "text/html; charset=utf-8", INDEX_HTML),
@@ -109,7 +108,7 @@ pub async fn handle(req: Request<Incoming>, conn: &ConnContext, current: Arc<Cur
             let probes: Vec<_> = probes.iter().map(|p| p.redacted()).collect();
             json_response(StatusCode::OK, &json!({"ran_s_ago": age.as_secs_f64(), "probes": probes}))
         }
-        (&Method::GET, "/diag/echo") => echo_upgrade(req, conn, &current, client_addr),
+        (&Method::GET, "/diag/echo") => echo_upgrade(req, conn, &current, client_addr, started),
         _ => respond(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found\n"),
     }
 }
@@ -176,32 +175,28 @@ pub fn route_for(router: &Router, path: &str, token_region: Option<&str>) -> Val
 }
 
 /// Validates and answers the echo endpoint's upgrade; the session runs in its own task.
-fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: SocketAddr) -> Resp {
+fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Current, client_addr: SocketAddr, started: Instant) -> Resp {
     let app = &conn.app;
-    let mut pending = upgrade::pending(app, &conn.peer, client_addr, &req, Instant::now());
-    let rate_ok = app.limiter.handshake(client_addr.ip());
+    let mut pending = upgrade::pending(app, &conn.peer, client_addr, &req, started);
     pending.record_mut().route = Some(ECHO_ROUTE.into());
     // No Origin allow-list here: the echo relays nothing, and the relay's own page must reach it
     // whatever origins the app is allowed.
-    if let Err(refusal) = upgrade::validate(&req, &[]) {
-        return upgrade::refuse(pending, if rate_ok { refusal } else { Refusal::Rate });
-    }
-    let admission = match conn.admit(client_addr, rate_ok) {
-        (_, Some(Outcome::OverMaxConnections)) => return upgrade::refuse(pending, Refusal::AtCapacity),
-        admitted => admitted,
+    let admitted = match upgrade::admit(conn, pending, &req, client_addr, &[], Ok(())) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refusal,
     };
-    let span = tracing::info_span!("diag_echo", conn_id = %pending.conn_id());
+    let span = tracing::info_span!("diag_echo", conn_id = %admitted.pending.conn_id());
     let upgrade = hyper::upgrade::on(&mut req);
     let timeout = current.config.server.handshake_timeout;
-    app.tracker.spawn(echo(app.clone(), upgrade, timeout, pending, admission).instrument(span));
+    app.tracker.spawn(echo(app.clone(), upgrade, timeout, admitted).instrument(span));
     upgrade::switching_protocols(&req)
 }
 
 /// The echo session: hello with the connection id, then every data message back, within
 /// [`ECHO_MAX_MESSAGES`] and [`ECHO_LIFETIME`].
-async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, pending: PendingHandshake, admission: (Permit, Option<Outcome>)) {
+async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, admitted: Admitted) {
+    let Admitted { pending, permit, over } = admitted;
     let Some((pending, mut io)) = pending.upgraded(upgrade, timeout).await else { return };
-    let (permit, over) = admission;
     if let Some(outcome) = over {
         return pending.reject(&mut io, outcome, "over a limit").await;
     }

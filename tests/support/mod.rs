@@ -222,6 +222,7 @@ impl Relay {
             loop {
                 let line = self.records.recv().await.expect("records channel closed");
                 let v: Value = serde_json::from_str(&line).unwrap();
+                assert_ne!(v["outcome"], "relay_error", "a record's owner was dropped without an outcome: {v}");
                 if v["event"] == event {
                     return v;
                 }
@@ -303,6 +304,11 @@ impl Drop for Relay {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
+        }
+        // A record owner dropped unfinished writes `relay_error`, whether or not a test read it.
+        if !std::thread::panicking() {
+            let metrics = self.app.metrics.encode();
+            assert!(!metrics.contains("outcome=\"relay_error\""), "a record's owner was dropped without an outcome:\n{metrics}");
         }
     }
 }
