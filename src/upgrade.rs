@@ -178,6 +178,8 @@ pub struct Admitted {
 /// route's, say): a handshake token for `client` (every request takes one, refused or not), the
 /// RFC 6455 checks with `origins`, then the limits. A refusal is answered here, its record
 /// written.
+// The refusal is the answer itself, handed straight back to hyper: boxing it would gain nothing.
+#[allow(clippy::result_large_err)]
 pub fn admit(
     conn: &ConnContext,
     pending: PendingHandshake,

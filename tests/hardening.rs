@@ -138,7 +138,7 @@ async fn past_half_its_budget_a_connection_is_asked_to_close() {
     let pki = Pki::new();
     let relay = Relay::start(&pki, "handshake_timeout = \"2s\"", "", "").await;
     let mut tls = relay.tls(&pki).await;
-    let mut get = async |tls: &mut tokio_rustls::client::TlsStream<TcpStream>| {
+    let get = async |tls: &mut tokio_rustls::client::TlsStream<TcpStream>| {
         tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
         let mut head = vec![0u8; 1024];
         let n = tls.read(&mut head).await.unwrap();
