@@ -18,14 +18,7 @@ fn tools() -> PathBuf {
 /// Whether wstest is installed; in CI its absence is a failure.
 fn autobahn_ready() -> bool {
     let ready = std::path::Path::new("/opt/autobahn/venv/bin/wstest").exists() && tools().join("run.sh").exists();
-    if !ready {
-        let why = "the Autobahn test needs wstest (../shared/tools/autobahn/setup.sh): run tests/run.sh";
-        if std::env::var_os("CI").is_some() {
-            panic!("{why}");
-        }
-        eprintln!("SKIPPED: {why}");
-    }
-    ready
+    tool_ready(ready, "the Autobahn test needs wstest (../shared/tools/autobahn/setup.sh): run tests/run.sh")
 }
 
 /// Each case's behaviour in a finished run's report.

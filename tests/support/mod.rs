@@ -604,17 +604,22 @@ pub fn chromium() -> String {
     std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
 
-/// Whether Chromium, node and the npm packages are here; in CI their absence is a failure.
-pub fn browser_ready() -> bool {
-    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/twilio-video/dist/twilio-video.min.js");
-    let node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    let ready = modules.exists() && std::path::Path::new(&chromium()).exists() && node;
+/// Whether a test's outside tool is installed: without it the test is skipped, saying `why`,
+/// except in CI (`CI` set), where its absence is a failure.
+pub fn tool_ready(ready: bool, why: &str) -> bool {
     if !ready {
-        let why = "browser tests need Chromium, node and tests/browser/node_modules: run tests/run.sh";
         if std::env::var_os("CI").is_some() {
             panic!("{why}");
         }
         eprintln!("SKIPPED: {why}");
     }
     ready
+}
+
+/// Whether Chromium, node and the npm packages are here; in CI their absence is a failure.
+pub fn browser_ready() -> bool {
+    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/node_modules/twilio-video/dist/twilio-video.min.js");
+    let node = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ready = modules.exists() && std::path::Path::new(&chromium()).exists() && node;
+    tool_ready(ready, "browser tests need Chromium, node and tests/browser/node_modules: run tests/run.sh")
 }
