@@ -44,6 +44,9 @@ pub struct App {
     pub limiter: Limiter,
     /// The `/diag` page's last gateway probes.
     pub probes: ProbeCache,
+    /// The `turns:` URL browsers are told in place of the TURN upstream's: `[turn] public_url`,
+    /// or one made of the certificate's host name. `None` when TURN is off or no host is known.
+    pub turn_public_url: Option<String>,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
     /// Set once every thread is accepting.
@@ -81,6 +84,17 @@ impl App {
         let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
         let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
         let metrics = Arc::new(Metrics::new(records.dropped_counter()));
+        let turn_public_url = match (&config.turn.public_url, config.turn.enabled) {
+            (_, false) => None,
+            (Some(url), true) => Some(url.clone()),
+            (None, true) => {
+                let derived = certs.host_name().map(|host| format!("turns:{host}:443?transport=tcp"));
+                if derived.is_none() {
+                    tracing::warn!("[turn] public_url is not set and the certificate names no host: the gateway's ICE servers are passed on unchanged");
+                }
+                derived
+            }
+        };
         Ok(Arc::new(App {
             connector: Connector::new(&config, client_tls).map_err(StartError::Dns)?,
             records,
@@ -93,6 +107,7 @@ impl App {
             certs,
             limiter: Limiter::new(config.limits.clone(), derived_max),
             probes: ProbeCache::default(),
+            turn_public_url,
             admin_addr: OnceLock::new(),
             accepting: AtomicBool::new(false),
             current: ArcSwap::from_pointee(Current { router: Router::new(&config), config }),

@@ -23,9 +23,23 @@ pub struct Config {
     pub admin: AdminSettings,
     pub diag: DiagSettings,
     pub limits: Limits,
+    pub turn: TurnSettings,
     /// The allow-list of region codes (`[routing] regions`).
     pub regions: Vec<String>,
     pub routes: Vec<Route>,
+}
+
+/// `[turn]`: TURN over TLS on the main listener, for the call's media.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TurnSettings {
+    /// Relay TURN-over-TLS connections on the main listener (default true).
+    pub enabled: bool,
+    /// Where TURN connections go (`upstream`, default `global.turn.twilio.com:443`), as a TLS
+    /// target with SNI and full verification.
+    pub upstream: UpstreamTarget,
+    /// What browsers are told in place of the upstream's `turns:` URLs; `None` until derived from
+    /// the certificate's first DNS name when unset.
+    pub public_url: Option<String>,
 }
 
 /// `[server]`.
@@ -209,6 +223,8 @@ pub struct Route {
     pub region_alias: BTreeMap<String, String>,
     /// The upstream for every allowed region, parsed from `upstream` once, at validation.
     pub targets: BTreeMap<String, Arc<UpstreamTarget>>,
+    /// Point the TURN servers in the gateway's `iced` at the relay (`[turn]`), default true.
+    pub rewrite_ice: bool,
 }
 
 impl Route {
@@ -261,6 +277,19 @@ pub struct UpstreamTarget {
 }
 
 impl UpstreamTarget {
+    /// A TURN-over-TLS target, `host:port` (port 443 when left out): the URL it is written as
+    /// is `turns:host:port`.
+    pub fn turn(authority: &str) -> Result<UpstreamTarget, String> {
+        let parsed: http::uri::Authority = authority.parse().map_err(|_| "not host:port".to_string())?;
+        if authority.contains('@') {
+            return Err("must not carry user info".into());
+        }
+        let host = parsed.host().trim_matches(['[', ']']).to_ascii_lowercase();
+        let server_name = ServerName::try_from(host.clone()).map_err(|_| format!("{host:?} is not a valid host name"))?;
+        let port = parsed.port_u16().unwrap_or(443);
+        Ok(UpstreamTarget { url: format!("turns:{host}:{port}"), host, port, path_and_query: String::new(), server_name })
+    }
+
     /// Fills `{region}` in a template with a host label and checks the result is a usable
     /// `wss://` URL.
     pub fn from_template(template: &str, label: &str) -> Result<UpstreamTarget, String> {
@@ -315,8 +344,17 @@ struct RawConfig {
     admin: RawAdmin,
     diag: RawDiag,
     limits: RawLimits,
+    turn: RawTurn,
     routing: RawRouting,
     routes: Option<Vec<RawRoute>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawTurn {
+    enabled: Option<bool>,
+    upstream: Option<String>,
+    public_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -400,6 +438,7 @@ struct RawRoute {
     region_from: Option<Vec<String>>,
     default_region: Option<String>,
     region_alias: BTreeMap<String, String>,
+    rewrite_ice: Option<bool>,
 }
 
 /// The two routes that apply when a config has no `[[routes]]`.
@@ -412,6 +451,7 @@ fn default_routes() -> Vec<RawRoute> {
             region_from: Some(vec!["path".into(), "query".into(), "token".into()]),
             default_region: Some("gll".into()),
             region_alias: BTreeMap::from([("gll".into(), "global".into())]),
+            rewrite_ice: None,
         },
         RawRoute {
             name: Some("insights".into()),
@@ -421,6 +461,7 @@ fn default_routes() -> Vec<RawRoute> {
             default_region: Some("us1".into()),
             // There is no sdkgw.global: the insights gateway for the global region is us1's.
             region_alias: BTreeMap::from([("gll".into(), "us1".into())]),
+            rewrite_ice: None,
         },
     ]
 }
@@ -620,6 +661,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
     }
     let admin = RawAdmin::validate(raw.admin, &mut c);
     let diag = DiagSettings { enabled: raw.diag.enabled.unwrap_or(true) };
+    let turn = RawTurn::validate(raw.turn, &mut c);
     let limits = RawLimits::validate(raw.limits, &mut c);
 
     let u = raw.upstream;
@@ -757,11 +799,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
                 }
             }
         }
-        let route = Route { name, path, upstream, region_from, default_region, region_alias: r.region_alias, targets };
+        let rewrite_ice = r.rewrite_ice.unwrap_or(true);
+        let route = Route { name, path, upstream, region_from, default_region, region_alias: r.region_alias, targets, rewrite_ice };
         routes.push(route);
     }
 
-    Config { server, upstream, admin, diag, limits, regions, routes }
+    Config { server, upstream, admin, diag, limits, turn, regions, routes }
 }
 
 impl RawAdmin {
@@ -797,6 +840,33 @@ impl RawAdmin {
         }
         AdminSettings { listen, token_file, host_names, allow_unauthenticated }
     }
+}
+
+impl RawTurn {
+    fn validate(self, c: &mut Checker) -> TurnSettings {
+        let raw = self.upstream.as_deref().unwrap_or("global.turn.twilio.com:443");
+        let upstream = match UpstreamTarget::turn(raw) {
+            Ok(t) => t,
+            Err(why) => {
+                c.problem("turn.upstream", format!("{raw:?}: {why}"));
+                UpstreamTarget::turn("global.turn.twilio.com:443").expect("the default is valid")
+            }
+        };
+        let public_url = self.public_url.filter(|u| {
+            let ok = u.starts_with("turns:") && UpstreamTarget::turn(turn_url_authority(u)).is_ok();
+            if !ok {
+                c.problem("turn.public_url", format!("{u:?} must look like \"turns:relay.example.com:443?transport=tcp\""));
+            }
+            ok
+        });
+        TurnSettings { enabled: self.enabled.unwrap_or(true), upstream, public_url }
+    }
+}
+
+/// The `host:port` of a `turn:` or `turns:` URL (`turns:host:443?transport=tcp`).
+pub fn turn_url_authority(url: &str) -> &str {
+    let rest = url.split_once(':').map_or("", |(_, r)| r);
+    rest.split(['?', '/']).next().unwrap_or("")
 }
 
 impl RawLimits {

@@ -25,6 +25,12 @@ pub struct FirstMessage {
     pub bytes: Vec<u8>,
     /// Whether the first message held a token at `$.body.token` or `$.token`.
     pub token_found: bool,
+    /// What the message is: the hello's body type (`ice` for a fresh connect, `sync` for a
+    /// reconnect, `connect`), or the message's type (`connect` on the insights socket).
+    pub kind: Option<String>,
+    /// The length of the first frame at the start of `bytes`, when it was read whole, masked,
+    /// and parsed as JSON: a frame that may go to the gateway before the pump starts.
+    pub frame_len: Option<usize>,
     /// The token's decoded header and payload, when it could be read.
     pub token: Option<TokenInfo>,
 }
@@ -50,9 +56,10 @@ pub async fn read<S: AsyncRead + Unpin>(io: &mut S, timeout: Duration) -> FirstM
                     if let Some(key) = h.mask {
                         frame::apply_mask(&mut payload, key, 0);
                     }
-                    let found = token::find_token(&payload);
-                    let info = found.as_deref().and_then(|t| token::decode(t).ok());
-                    return FirstMessage { bytes, token_found: found.is_some(), token: info };
+                    let facts = token::read_first(&payload).unwrap_or_default();
+                    let info = facts.token.as_deref().and_then(|t| token::decode(t).ok());
+                    let frame_len = (h.mask.is_some() && facts.kind.is_some()).then_some(len);
+                    return FirstMessage { bytes, token_found: facts.token.is_some(), kind: facts.kind, frame_len, token: info };
                 }
                 bytes.reserve_exact(len - bytes.len());
                 want = (len - bytes.len()).min(READ_CHUNK);
@@ -65,7 +72,7 @@ pub async fn read<S: AsyncRead + Unpin>(io: &mut S, timeout: Duration) -> FirstM
             _ => break,
         }
     }
-    FirstMessage { bytes, token_found: false, token: None }
+    FirstMessage { bytes, token_found: false, kind: None, frame_len: None, token: None }
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ pub mod first_message;
 pub mod forwarded;
 pub mod frame;
 pub mod healthcheck;
+pub mod ice;
 pub mod limits;
 pub mod listener;
 pub mod metrics;
@@ -41,6 +42,7 @@ pub mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod token;
+pub mod turn;
 #[cfg(feature = "tools")]
 pub mod tools;
 pub mod upgrade;

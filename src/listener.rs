@@ -252,10 +252,31 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             tracing::Span::current().record("sni", sni.as_str());
         }
         let conn = ConnContext::new(&app, Peer { client_addr, sni, tls_ms: Some(millis(started.elapsed())) }, started, permit);
-        serve_http(&app, tls, conn, deadline, started).await
+        let mut tls = tls;
+        // A browser's TURN client starts with a STUN message; anything else is HTTP.
+        let first = if current.config.turn.enabled { sniff(&mut tls, deadline).await } else { Vec::new() };
+        if crate::turn::is_stun(&first) {
+            return crate::turn::serve(&app, tls, first, conn, started).await;
+        }
+        serve_http(&app, Prefixed::new(&first, tls), conn, deadline, started).await
     }
     .instrument(span)
     .await
+}
+
+/// Reads a connection's first bytes, enough to tell a STUN message from an HTTP request, by
+/// `deadline`; whatever came (perhaps nothing) is handed on to be read again.
+async fn sniff<S: tokio::io::AsyncRead + Unpin>(io: &mut S, deadline: Instant) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut first = [0u8; 512];
+    let mut filled = 0;
+    while filled < crate::turn::SNIFF {
+        match tokio::time::timeout_at(deadline, io.read(&mut first[filled..])).await {
+            Ok(Ok(n)) if n > 0 => filled += n,
+            _ => break,
+        }
+    }
+    first[..filled].to_vec()
 }
 
 /// Writes the record of a connection that failed before any request. Such records cost a client

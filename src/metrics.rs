@@ -49,6 +49,9 @@ pub struct Metrics {
     pub upstream_phase_seconds: Family<PhaseLabel, Histogram>,
     /// Records not written because their address had used up its handshake tokens.
     pub records_suppressed: Counter,
+    /// TURN-over-TLS bytes relayed, by direction (up: browser to TURN server).
+    pub turn_bytes_up: Counter,
+    pub turn_bytes_down: Counter,
     /// `messages{direction="up"}` and the like, resolved once so the pump adds without a lookup.
     pub msgs_up: Counter,
     pub msgs_down: Counter,
@@ -75,6 +78,10 @@ impl Metrics {
         registry.register("handshake_duration_seconds", "Time from request to handshake outcome", handshake_seconds.clone());
         registry.register("upstream_phase_duration_seconds", "Time of each gateway connection phase", upstream_phase_seconds.clone());
         registry.register("records_dropped", "Records dropped because stdout was not read fast enough", records_dropped);
+        let turn_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register("turn_bytes", "TURN-over-TLS bytes relayed, by direction (up: browser to TURN server)", turn_bytes.clone());
+        let turn_bytes_up = turn_bytes.get_or_create(&DirectionLabel { direction: "up" }).clone();
+        let turn_bytes_down = turn_bytes.get_or_create(&DirectionLabel { direction: "down" }).clone();
         let records_suppressed = Counter::default();
         registry.register(
             "records_suppressed",
@@ -100,6 +107,8 @@ impl Metrics {
             handshake_seconds,
             upstream_phase_seconds,
             records_suppressed,
+            turn_bytes_up,
+            turn_bytes_down,
         }
     }
 
@@ -131,6 +140,16 @@ impl Metrics {
                 self.upstream_phase_seconds.get_or_create(&PhaseLabel { phase }).observe(ms / 1000.0);
             }
         }
+    }
+
+    /// Counts data messages and frame bytes relayed from `side` outside the pump.
+    pub fn count_messages(&self, side: crate::outcome::Side, msgs: u64, bytes: u64) {
+        let (m, b) = match side {
+            crate::outcome::Side::Upstream => (&self.msgs_down, &self.bytes_down),
+            _ => (&self.msgs_up, &self.bytes_up),
+        };
+        m.inc_by(msgs);
+        b.inc_by(bytes);
     }
 
     /// Counts a close record.

@@ -48,7 +48,8 @@ pub struct Counters {
 }
 
 impl Counters {
-    fn add(&self, from: Side, msgs: u64, bytes: u64) {
+    /// Counts `msgs` data messages and `bytes` bytes relayed from `from`.
+    pub fn add(&self, from: Side, msgs: u64, bytes: u64) {
         let (m, b) = match from {
             Side::Upstream => (&self.msgs_down, &self.bytes_down),
             _ => (&self.msgs_up, &self.bytes_up),

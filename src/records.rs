@@ -39,6 +39,13 @@ pub struct HandshakeRecord {
     pub token_exp: Option<i64>,
     pub token_expired: Option<bool>,
     pub region_mismatch: Option<bool>,
+    /// What the first message was: `ice` (a fresh connect asking for ICE servers), `sync` (a
+    /// reconnect), `connect`; `null` when it could not be read.
+    pub first_message: Option<String>,
+    /// Whether the gateway's ICE servers were pointed at the relay's TURN (`null`: not asked for,
+    /// or rewriting off on this route), and how many entries were.
+    pub ice_rewritten: Option<bool>,
+    pub ice_servers_rewritten: Option<u32>,
     pub upstream_url: Option<String>,
     pub upstream_addr: Option<SocketAddr>,
     pub upstream_status: Option<u16>,

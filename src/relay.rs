@@ -6,8 +6,12 @@ use std::sync::Arc;
 
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
 use crate::app::{App, Current};
+use crate::config::Route;
+use crate::ice;
+use crate::outcome::Side;
 use crate::first_message::{self, FirstMessage};
 use crate::limits::Permit;
 use crate::outcome::Outcome;
@@ -54,8 +58,13 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
         }
     };
     match connected {
-        Some(Ok((upstream, first))) => {
+        Some(Ok((upstream, first, early))) => {
             let session = pending.open(true, Some(permit));
+            // What passed before the pump (the hello, the gateway's answer up to its iced).
+            for (side, msgs, bytes) in early {
+                session.counters().add(side, msgs, bytes);
+                app.metrics.count_messages(side, msgs, bytes);
+            }
             pump_until_closed(&app, client, upstream, first, session, &current).await
         }
         Some(Err((outcome, why))) => pending.reject(&mut client, outcome, why).await,
@@ -63,8 +72,12 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
     }
 }
 
+/// Messages and bytes relayed from each side before the pump started.
+type Early = [(Side, u64, u64); 2];
+
 /// Reads the first message, decides the region and connects upstream, filling the record as it
-/// learns. On failure, returns the outcome and why.
+/// learns; then, when the hello asks for ICE servers, watches the gateway's answer for them
+/// ([`ice`]). On failure, returns the outcome and why.
 async fn connect(
     app: &Arc<App>,
     client: &mut Client,
@@ -72,7 +85,7 @@ async fn connect(
     current: &Current,
     request: &RouteRequest,
     headers: ForwardHeaders,
-) -> Result<(Connected, FirstMessage), (Outcome, String)> {
+) -> Result<(Connected, FirstMessage, Early), (Outcome, String)> {
     let route = current.router.route(request.route);
     let server = &current.config.server;
     let mut timings = Timings::default();
@@ -107,12 +120,15 @@ async fn connect(
     record.upstream_connect_ms = timings.connect.map(millis);
     record.upstream_tls_ms = timings.tls.map(millis);
     record.upstream_ws_ms = timings.websocket.map(millis);
+    record.first_message = first.kind.clone();
     match upstream {
-        Ok(c) => {
+        Ok(mut c) => {
             record.upstream_addr = Some(c.addr);
             // A connected gateway is one that answered 101.
             record.upstream_status = Some(101);
-            Ok((c, first))
+            let mut first = first;
+            let early = rewrite_ice(app, route, client, &mut c, &mut first, record).await;
+            Ok((c, first, early))
         }
         Err(e) => {
             if let UpstreamError::Rejected { status } = e {
@@ -122,6 +138,37 @@ async fn connect(
             Err((e.outcome(), e.to_string()))
         }
     }
+}
+
+/// When the hello asks for ICE servers (body `ice`) on a route that rewrites them and the relay
+/// has a TURN URL to give: sends the hello now and watches the gateway's answer for its `iced`,
+/// whose TURN servers then point at the relay ([`ice::watch`]). Returns what passed meanwhile.
+async fn rewrite_ice(app: &App, route: &Route, client: &mut Client, upstream: &mut Connected, first: &mut FirstMessage, record: &mut HandshakeRecord) -> Early {
+    let mut early = [(Side::Client, 0, 0), (Side::Upstream, 0, 0)];
+    let (Some(public_url), Some(hello_len)) = (app.turn_public_url.as_deref(), first.frame_len) else { return early };
+    if !route.rewrite_ice || first.kind.as_deref() != Some("ice") {
+        return early;
+    }
+    let sent = async {
+        upstream.io.write_all(&first.bytes[..hello_len]).await?;
+        upstream.io.flush().await
+    };
+    // A failed write is the pump's to find, with everything else.
+    if sent.await.is_err() {
+        return early;
+    }
+    first.bytes.drain(..hello_len);
+    early[0] = (Side::Client, 1, hello_len as u64);
+    let rule = ice::Rule { upstream_host: &app.current().config.turn.upstream.host, public_url };
+    let (done, rest) = ice::watch(&mut upstream.io, client, std::mem::take(&mut upstream.leftover), &rule).await;
+    upstream.leftover = rest;
+    early[1] = (Side::Upstream, done.msgs, done.bytes);
+    record.ice_rewritten = Some(done.servers_rewritten > 0);
+    record.ice_servers_rewritten = Some(done.servers_rewritten);
+    if !done.iced_seen {
+        tracing::debug!("the gateway's answer to an ice hello held no iced within the watch");
+    }
+    early
 }
 
 /// Records where the connection goes and what its token said.

@@ -191,6 +191,17 @@ fn files_fingerprint(config: &Config) -> u64 {
     h.finish()
 }
 
+impl CertStore {
+    /// The first DNS name, not a wildcard, of the default certificate: the relay's own host.
+    pub fn host_name(&self) -> Option<String> {
+        let set = self.current.load();
+        let der = set.default.end_entity_cert().ok()?;
+        let cert = webpki::EndEntityCert::try_from(der).ok()?;
+        let name = cert.valid_dns_names().find(|n| !n.starts_with('*')).map(str::to_string);
+        name
+    }
+}
+
 impl rustls::server::ResolvesServerCert for CertStore {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let set = self.current.load();

@@ -28,6 +28,8 @@ impl TokenInfo {
 
 #[derive(Deserialize)]
 struct FirstMessage<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
     token: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -36,15 +38,38 @@ struct FirstMessage<'a> {
 
 #[derive(Deserialize)]
 struct Body<'a> {
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
     token: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// What a first message says: its kind and its token.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirstFacts {
+    /// The signalling hello's body type (`ice`, `connect`, `sync`), or the message's own type
+    /// (`connect` on the insights socket); cut to 32 characters.
+    pub kind: Option<String>,
+    /// The token at `$.body.token` (signalling hello or sync) or `$.token` (insights connect).
+    pub token: Option<String>,
+}
+
+/// Reads a first message; `None` for anything that is not such JSON.
+pub fn read_first(message: &[u8]) -> Option<FirstFacts> {
+    let msg: FirstMessage = serde_json::from_slice(message).ok()?;
+    let hello = msg.kind.as_deref() == Some("hello");
+    let (body_kind, body_token) = msg.body.map(|b| (b.kind, b.token)).unwrap_or_default();
+    let kind = if hello { body_kind } else { msg.kind };
+    Some(FirstFacts {
+        kind: kind.map(|k| k.chars().take(32).collect()),
+        token: body_token.or(msg.token).map(|t| t.into_owned()),
+    })
 }
 
 /// Finds the token in a first message: `$.body.token` (signalling hello or sync) or `$.token`
 /// (insights connect). Returns `None` for anything that is not such JSON.
 pub fn find_token(message: &[u8]) -> Option<String> {
-    let msg: FirstMessage = serde_json::from_slice(message).ok()?;
-    msg.body.and_then(|b| b.token).or(msg.token).map(|t| t.into_owned())
+    read_first(message)?.token
 }
 
 #[derive(Deserialize)]
@@ -113,6 +138,11 @@ mod tests {
         assert_eq!(find_token(br#"{"type":"heartbeat"}"#), None);
         assert_eq!(find_token(b"not json"), None);
         assert_eq!(find_token(br#"{"token":5}"#), None);
+        let kind = |m: &str| read_first(m.as_bytes()).and_then(|f| f.kind);
+        assert_eq!(kind(&hello).as_deref(), Some("ice"));
+        assert_eq!(kind(&connect).as_deref(), Some("connect"));
+        assert_eq!(kind(r#"{"type":"hello","body":{"type":"sync","token":"t"}}"#).as_deref(), Some("sync"));
+        assert_eq!(kind(r#"{"type":"hello","version":2}"#), None, "2.0-2.4: a hello without a body");
     }
 
     #[test]

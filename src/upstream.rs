@@ -140,6 +140,8 @@ pub struct Connected {
 #[derive(Clone)]
 pub struct Connector {
     tls: TlsConnector,
+    /// The same trust, without ALPN: for the TURN upstream.
+    tls_no_alpn: TlsConnector,
     resolve: Arc<BTreeMap<String, SocketAddr>>,
     /// `None` when `system_dns` is off: only `resolve` and IP literals are reachable.
     dns: Option<TokioResolver>,
@@ -152,8 +154,11 @@ impl Connector {
     /// when DNS is on and its configuration cannot be read.
     pub fn new(config: &Config, tls: Arc<rustls::ClientConfig>) -> Result<Connector, String> {
         let u = &config.upstream;
+        let mut no_alpn = (*tls).clone();
+        no_alpn.alpn_protocols.clear();
         Ok(Connector {
             tls: TlsConnector::from(tls),
+            tls_no_alpn: TlsConnector::from(Arc::new(no_alpn)),
             resolve: Arc::new(u.resolve.clone()),
             dns: if u.system_dns { Some(resolver(u)?) } else { None },
             timeout: u.connect_timeout,
@@ -184,11 +189,45 @@ impl Connector {
         phase: &mut Phase,
         timings: &mut Timings,
     ) -> Result<Connected, UpstreamError> {
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        let request = upgrade_request(target, headers, &key);
+        let (mut io, addr) = self.tls_phases(&self.tls, target, phase, timings, &request).await?;
+        *phase = Phase::WebSocket;
+        let t = Instant::now();
+        let leftover = read_upgrade_answer(&mut io, &key).await?;
+        timings.websocket = Some(t.elapsed());
+        Ok(Connected { io: Box::new(io), leftover, addr })
+    }
+
+    /// A TLS connection to `target` with no ALPN, as Chromium's TURN-over-TLS client opens one
+    /// (the TURN relay's upstream), `first` sent in the same write as the TLS Finished; each
+    /// phase timed, all within `connect_timeout`.
+    pub async fn connect_tls(&self, target: &UpstreamTarget, first: &[u8], timings: &mut Timings) -> Result<(TlsStream<TcpStream>, SocketAddr), UpstreamError> {
+        let started = Instant::now();
+        let mut phase = Phase::Dns;
+        let attempt = self.tls_phases(&self.tls_no_alpn, target, &mut phase, timings, first);
+        match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::Timeout { phase, after: started.elapsed() }),
+        }
+    }
+
+    /// DNS, TCP, the CONNECT proxy if any, and TLS with `target`'s name; `early` is queued to
+    /// leave with the client's Finished (one segment and one wake-up fewer per connection).
+    async fn tls_phases(
+        &self,
+        tls: &TlsConnector,
+        target: &UpstreamTarget,
+        phase: &mut Phase,
+        timings: &mut Timings,
+        early: &[u8],
+    ) -> Result<(TlsStream<TcpStream>, SocketAddr), UpstreamError> {
         // Through a proxy, DNS and TCP are for the proxy; the proxy resolves the gateway.
         let (host, port) = match &self.proxy {
             Some((h, p)) => (h.as_str(), *p),
             None => (target.host.as_str(), target.port),
         };
+        *phase = Phase::Dns;
         let t = Instant::now();
         let addrs = self.resolve(host, port).await?;
         timings.dns = Some(t.elapsed());
@@ -215,27 +254,19 @@ impl Connector {
 
         *phase = Phase::Tls;
         let t = Instant::now();
-        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
-        let request = upgrade_request(target, headers, &key);
-        // Queued before the handshake, the request leaves in the same write as the client's
-        // Finished: one segment and one wake-up fewer per connection.
         let mut queued = Ok(());
-        let mut io = self
-            .tls
+        let io = tls
             .connect_with(target.server_name.clone(), tcp, |conn| {
-                queued = std::io::Write::write_all(&mut conn.writer(), &request);
+                if !early.is_empty() {
+                    queued = std::io::Write::write_all(&mut conn.writer(), early);
+                }
             })
             .await
             .map_err(UpstreamError::tls)?;
-        // Only a request past rustls's 64 KiB plaintext buffer could fail to queue.
-        queued.map_err(|e| UpstreamError::Protocol(format!("upgrade request not sent: {e}")))?;
+        // Only bytes past rustls's 64 KiB plaintext buffer could fail to queue.
+        queued.map_err(|e| UpstreamError::Protocol(format!("first bytes not sent: {e}")))?;
         timings.tls = Some(t.elapsed());
-
-        *phase = Phase::WebSocket;
-        let t = Instant::now();
-        let leftover = read_upgrade_answer(&mut io, &key).await?;
-        timings.websocket = Some(t.elapsed());
-        Ok(Connected { io: Box::new(io), leftover, addr })
+        Ok((io, addr))
     }
 
     async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, UpstreamError> {

@@ -51,6 +51,26 @@ pub struct Args {
     /// `twilio` answers like Twilio's gateways; `echo` sends every message back.
     #[arg(long, value_enum, default_value_t = Mode::Twilio)]
     mode: Mode,
+    /// An ICE server URL for the `iced` answer (repeat for more), e.g.
+    /// `turns:global.turn.twilio.com:443?transport=tcp` or `stun:global.stun.twilio.com:3478`.
+    #[arg(long = "ice-url")]
+    ice_urls: Vec<String>,
+    /// The username TURN URLs get (long-term credentials, as the TURN server knows them).
+    #[arg(long, default_value = "sigrelay")]
+    ice_username: String,
+    /// The credential TURN URLs get.
+    #[arg(long, default_value = "sigrelay")]
+    ice_credential: String,
+}
+
+/// The `iced` answer's servers: one entry per URL, with the credentials on TURN URLs.
+pub fn ice_servers(urls: &[String], username: &str, credential: &str) -> Vec<Value> {
+    urls.iter()
+        .map(|u| match u.starts_with("turn") {
+            true => json!({"urls": u, "username": username, "credential": credential}),
+            false => json!({"urls": u}),
+        })
+        .collect()
 }
 
 /// Runs `sigrelay mock-gateway` until SIGINT.
@@ -95,7 +115,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             let _ = tokio::signal::ctrl_c().await;
             stop.cancel();
         });
-        serve(listener, Arc::new(tls), args.mode, Events::Stdout, shutdown).await;
+        let ice = ice_servers(&args.ice_urls, &args.ice_username, &args.ice_credential);
+        serve_with_ice(listener, Arc::new(tls), args.mode, ice, Events::Stdout, shutdown).await;
         anyhow::Ok(())
     })
 }
@@ -132,6 +153,12 @@ impl Events {
 
 /// Serves until `shutdown` fires.
 pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, mode: Mode, events: Events, shutdown: CancellationToken) {
+    serve_with_ice(listener, tls, mode, Vec::new(), events, shutdown).await
+}
+
+/// Serves until `shutdown` fires, answering `ice` hellos with these ICE servers.
+pub async fn serve_with_ice(listener: TcpListener, tls: Arc<rustls::ServerConfig>, mode: Mode, ice: Vec<Value>, events: Events, shutdown: CancellationToken) {
+    let ice = Arc::new(Value::Array(ice));
     let acceptor = TlsAcceptor::from(tls);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -145,10 +172,10 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, mode: 
             },
             _ = shutdown.cancelled() => return,
         };
-        let (acceptor, events, shutdown) = (acceptor.clone(), events.clone(), shutdown.clone());
+        let (acceptor, events, shutdown, ice) = (acceptor.clone(), events.clone(), shutdown.clone(), ice.clone());
         tokio::spawn(async move {
             tokio::select! {
-                _ = connection(tcp, peer, acceptor, mode, events) => {}
+                _ = connection(tcp, peer, acceptor, mode, ice, events) => {}
                 _ = shutdown.cancelled() => {}
             }
         });
@@ -167,7 +194,7 @@ struct Seen {
 
 // tungstenite's header callback returns its own (large) error response type.
 #[allow(clippy::result_large_err)]
-async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mode: Mode, events: Events) {
+async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mode: Mode, ice: Arc<Value>, events: Events) {
     let _ = tcp.set_nodelay(true);
     let Ok(tls) = acceptor.accept(tcp).await else { return };
     let host = tls.get_ref().1.server_name().map(str::to_string);
@@ -275,7 +302,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
                 None => vec![msg],
             },
             Mode::Twilio => {
-                let (replies, start_heartbeats) = twilio_replies(parsed.as_ref(), &identity);
+                let (replies, start_heartbeats) = twilio_replies(parsed.as_ref(), &identity, &ice);
                 if start_heartbeats && heartbeat.is_none() {
                     let period = Duration::from_millis(NEGOTIATED_TIMEOUT_MS / 2);
                     heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + period, period));
@@ -301,14 +328,14 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
 
 /// The messages a Twilio gateway sends in answer to one client message, and whether
 /// heartbeats start (after `welcome`).
-fn twilio_replies(msg: Option<&Value>, identity: &str) -> (Vec<Value>, bool) {
+fn twilio_replies(msg: Option<&Value>, identity: &str, ice: &Value) -> (Vec<Value>, bool) {
     let Some(msg) = msg else { return (vec![], false) };
     let body_type = msg.pointer("/body/type").and_then(Value::as_str);
     match msg.get("type").and_then(Value::as_str) {
         Some("hello") => {
             let mut out = vec![json!({"type": "welcome", "negotiatedTimeout": NEGOTIATED_TIMEOUT_MS})];
             if body_type == Some("ice") {
-                out.push(json!({"type": "msg", "body": {"type": "iced", "ice_servers": []}}));
+                out.push(json!({"type": "msg", "body": {"type": "iced", "ice_servers": ice, "version": 1}}));
             }
             (out, true)
         }

@@ -116,12 +116,17 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(pki: &Pki, mode: Mode) -> Gateway {
+        Gateway::start_with_ice(pki, mode, Vec::new()).await
+    }
+
+    /// A mock gateway whose `iced` answer lists these ICE servers.
+    pub async fn start_with_ice(pki: &Pki, mode: Mode, ice: Vec<Value>) -> Gateway {
         let tls = pki.server_tls(&sigrelay::tools::pki::twilio_names());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, events) = tokio::sync::mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        tokio::spawn(mock_gateway::serve(listener, tls, mode, Events::Channel(tx), stop.clone()));
+        tokio::spawn(mock_gateway::serve_with_ice(listener, tls, mode, ice, Events::Channel(tx), stop.clone()));
         Gateway { addr, events, stop }
     }
 
