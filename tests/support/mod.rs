@@ -186,13 +186,17 @@ impl Relay {
 
     /// As `start`, with keys for `[admin]` (which listens on 127.0.0.1:0).
     pub async fn start_with_admin(pki: &Pki, server_extra: &str, upstream_extra: &str, admin_extra: &str, extra: &str) -> Relay {
+        Relay::start_config(Relay::config(pki, server_extra, upstream_extra, admin_extra, extra)).await
+    }
+
+    /// The configuration `start_with_admin` runs.
+    pub fn config(pki: &Pki, server_extra: &str, upstream_extra: &str, admin_extra: &str, extra: &str) -> Config {
         let text = format!(
             "[server]\ncert = {:?}\nkey = {:?}\n{server_extra}\n[upstream]\nca_file = {:?}\nsystem_dns = false\n{upstream_extra}\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n{admin_extra}\n{extra}",
             pki.relay_cert, pki.relay_key, pki.ca_file
         );
-        let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
-        Relay::start_config(config).await
+        Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"))
     }
 
     /// The usual set-up: the given gateway answers for every Twilio host.
@@ -201,9 +205,13 @@ impl Relay {
     }
 
     pub async fn start_config(config: Config) -> Relay {
+        Relay::start_config_on(config, TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    /// As `start_config`, on a listener already bound (when the config must name its port).
+    pub async fn start_config_on(config: Config, listener: TcpListener) -> Relay {
         let (records, rx) = Records::channel(1 << 20);
         let app = App::new(config, records).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
         let served = sigrelay::serve(app.clone(), listener, async {
