@@ -30,6 +30,8 @@ pub struct Probe {
     pub connect_ms: Option<f64>,
     pub tls_ms: Option<f64>,
     pub websocket_ms: Option<f64>,
+    /// For the TURN upstream: how long its answer to a STUN Binding request took.
+    pub stun_ms: Option<f64>,
 }
 
 /// Probes at most this many gateways at once.
@@ -78,10 +80,15 @@ pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&st
                     connect_ms: t.connect.map(millis),
                     tls_ms: t.tls.map(millis),
                     websocket_ms: t.websocket.map(millis),
+                    stun_ms: None,
                 };
                 (at, probe)
             });
         }
+    }
+    if config.turn.enabled && route.is_none_or(|r| r == crate::turn::ROUTE) && region.is_none() {
+        let (config, connector, at) = (config.clone(), connector.clone(), order);
+        tasks.spawn(async move { (at, probe_turn(&config, &connector).await) });
     }
     let mut probes: Vec<(usize, Probe)> = Vec::new();
     while let Some(r) = tasks.join_next().await {
@@ -89,6 +96,64 @@ pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&st
     }
     probes.sort_by_key(|(at, _)| *at);
     probes.into_iter().map(|(_, p)| p).collect()
+}
+
+/// A STUN Binding request (RFC 5389 §6) with transaction id `tid`: a header, no attributes.
+fn binding_request(tid: [u8; 12]) -> Vec<u8> {
+    let mut m = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    m.extend_from_slice(&tid);
+    m
+}
+
+/// Probes the TURN upstream the way the TURN relay connects to it (DNS, TCP, proxy, TLS with
+/// no ALPN), then asks it a STUN Binding request and waits for the answer, success or error:
+/// either proves a STUN server is there.
+pub async fn probe_turn(config: &Config, connector: &Connector) -> Probe {
+    use tokio::io::AsyncReadExt;
+    let target = &config.turn.upstream;
+    let tid: [u8; 12] = rand::random();
+    let mut t = Timings::default();
+    let mut stun_ms = None;
+    // The outcome, the whole error and what anyone may read of it.
+    let failed: Option<(String, String, String)> = match connector.connect_tls(target, &binding_request(tid), &mut t).await {
+        Ok((mut io, _)) => {
+            let asked = Instant::now();
+            let mut header = [0u8; 20];
+            let answer = tokio::time::timeout(config.upstream.connect_timeout, io.read_exact(&mut header)).await;
+            let _ = io.shutdown().await;
+            let why = match answer {
+                // A success or an error response: either way a STUN server answered.
+                Ok(Ok(_)) if header[4..8] == [0x21, 0x12, 0xA4, 0x42] && header[8..20] == tid && matches!(header[..2], [0x01, 0x01] | [0x01, 0x11]) => {
+                    stun_ms = Some(millis(asked.elapsed()));
+                    None
+                }
+                Ok(Ok(_)) => Some(("upstream_protocol_error", "stun: the answer to a Binding request is not a Binding response".to_string())),
+                Ok(Err(e)) => Some(("upstream_protocol_error", format!("stun: no answer to a Binding request: {e}"))),
+                Err(_) => Some(("upstream_timeout", "stun: no answer to a Binding request within connect_timeout".to_string())),
+            };
+            why.map(|(o, w)| (o.to_string(), w.clone(), w))
+        }
+        Err(e) => Some((e.outcome().to_string(), e.to_string(), e.public())),
+    };
+    let (ok, outcome, error, public_error) = match failed {
+        None => (true, "ok".to_string(), None, None),
+        Some((outcome, error, public)) => (false, outcome, Some(error), Some(public)),
+    };
+    Probe {
+        route: crate::turn::ROUTE.into(),
+        region: "-".into(),
+        url: target.url.clone(),
+        ok,
+        outcome,
+        error,
+        public_error,
+        dns_ms: t.dns.map(millis),
+        proxy_ms: t.proxy.map(millis),
+        connect_ms: t.connect.map(millis),
+        tls_ms: t.tls.map(millis),
+        websocket_ms: None,
+        stun_ms,
+    }
 }
 
 /// Probe runs shared by every asker: a run starts at most once per `interval`, and askers in

@@ -95,16 +95,30 @@ async fn probes_cover_every_gateway_and_run_at_most_once_per_interval() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         drop(tls);
     }
+    // Every route in every region, and the TURN upstream (which the mock gateway answers too).
     let n = relay.app.current().config.routes.len() * relay.app.current().config.regions.len();
-    for _ in 0..n {
-        let close = gw.event("close").await;
-        assert_eq!(close["reason"], "sigrelay diagnose", "{close}");
+    let (mut closes, mut stuns) = (0, 0);
+    while closes + stuns < n + 1 {
+        let e = tokio::time::timeout(WAIT, gw.events.recv()).await.expect("a gateway event").unwrap();
+        match e["event"].as_str() {
+            Some("close") => {
+                assert_eq!(e["reason"], "sigrelay diagnose", "{e}");
+                closes += 1;
+            }
+            Some("stun") => {
+                assert_eq!((e["host"].as_str(), e["answered"].as_u64()), (Some("global.turn.twilio.com"), Some(1)), "{e}");
+                stuns += 1;
+            }
+            _ => {}
+        }
     }
+    assert_eq!((closes, stuns), (n, 1));
     gw.assert_quiet().await;
     let first = body_json(&relay.raw(&pki, post).await);
     let probes = first["probes"].as_array().unwrap();
-    assert_eq!(probes.len(), n, "{first}");
+    assert_eq!(probes.len(), n + 1, "{first}");
     assert!(probes.iter().all(|p| p["ok"] == true && p["tls_ms"].is_f64()), "{first}");
+    assert_eq!(probes[n]["url"], "turns:global.turn.twilio.com:443");
     gw.assert_quiet().await;
     // A second page within the interval gets the same run; the gateways see nothing new.
     let second = body_json(&relay.raw(&pki, post).await);
@@ -308,7 +322,8 @@ async fn the_page_in_chromium_finds_each_cause_and_reports_conn_ids() {
     let done = lines.iter().find(|l| l["event"] == "done").expect("done line");
     assert_eq!(done["cspViolations"], json!([]), "the page runs under its own CSP without violations");
 
-    let n_probes = relay.app.current().config.routes.len() * relay.app.current().config.regions.len();
+    // Every route in every region, and the TURN upstream.
+    let n_probes = relay.app.current().config.routes.len() * relay.app.current().config.regions.len() + 1;
     for run in &runs {
         // Relay and gateway checks pass; the direct path to Twilio is blocked.
         assert_eq!(statuses(run, "browser"), ["pass"], "{run}");

@@ -36,7 +36,8 @@ fn probes_every_gateway_and_decodes_the_token() {
 
     let (code, text) = diagnose(&file, &["--token", &token("au1_valid_until_2100")]);
     assert_eq!(code, Some(0), "{text}");
-    assert_eq!(text.lines().filter(|l| l.trim_end().ends_with(" ok")).count(), 20, "2 routes x 10 regions:\n{text}");
+    assert_eq!(text.lines().filter(|l| l.trim_end().ends_with(" ok")).count(), 21, "2 routes x 10 regions, and TURN:\n{text}");
+    assert!(text.lines().any(|l| l.starts_with("turn ") && l.trim_end().ends_with(" ok")), "the TURN upstream answered a STUN Binding request:\n{text}");
     assert!(text.contains("identity   alice") && text.contains("room       room13"), "{text}");
     assert!(text.contains("gateway    wss://au1.vss.twilio.com/signaling"), "{text}");
     assert!(text.contains("all checks passed"));

@@ -95,7 +95,7 @@ async fn relay_to(pki: &Pki, gw: &Gateway, coturn: &Coturn, turn_enabled: bool) 
     let port = listener.local_addr().unwrap().port();
     let extra = format!(
         "{}\"global.turn.twilio.com\" = \"{}\"\n[turn]\nenabled = {turn_enabled}\npublic_url = \"turns:localhost:{port}?transport=tcp\"\n",
-        resolve_all_to(gw.addr),
+        resolve_gateways_to(gw.addr),
         coturn.tls
     );
     Relay::start_config_on(Relay::config(pki, "", "", "", &extra), listener).await

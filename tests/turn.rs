@@ -259,3 +259,24 @@ async fn turn_connections_close_on_drain_and_can_be_turned_off() {
     assert!(turn_attempt(&relay, &pki).await.starts_with(b"HTTP/1.1 400"));
     assert_eq!(relay.record("handshake").await["outcome"], "bad_request");
 }
+
+#[tokio::test]
+async fn diagnose_probes_the_turn_upstream_up_to_a_stun_answer() {
+    let pki = Pki::new();
+    // The mock gateway answers STUN Binding requests; the echo below only repeats them.
+    let gw = Gateway::start(&pki, Mode::Echo).await;
+    let relay = Relay::start(&pki, "", "", &resolve_all_to(gw.addr)).await;
+    let probes = sigrelay::probe::probe_all(&relay.app.current().config, &relay.app.connector, Some("turn"), None).await;
+    assert_eq!(probes.len(), 1);
+    let p = &probes[0];
+    assert!(p.ok, "{p:?}");
+    assert_eq!(p.url, "turns:global.turn.twilio.com:443");
+    assert!(p.tls_ms.is_some() && p.stun_ms.is_some(), "{p:?}");
+
+    let echo = fake_turn(&pki, &[TURN_HOST], None).await;
+    let relay = Relay::start(&pki, "", "", &turn_config(echo)).await;
+    let p = sigrelay::probe::probe_turn(&relay.app.current().config, &relay.app.connector).await;
+    assert!(!p.ok);
+    assert_eq!(p.outcome, "upstream_protocol_error");
+    assert!(p.error.as_deref().unwrap().contains("not a Binding response"), "{p:?}");
+}

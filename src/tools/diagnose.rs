@@ -124,7 +124,7 @@ impl Diagnosis {
         let ms = |v: Option<f64>| v.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
         let mut out = format!(
             "{:<12} {:<6} {:>8} {:>8} {:>8} {:>8} {:>8}  result\n",
-            "route", "region", "dns ms", "proxy", "tcp ms", "tls ms", "ws ms"
+            "route", "region", "dns ms", "proxy", "tcp ms", "tls ms", "ws/stun"
         );
         for p in &self.probes {
             let result = match &p.error {
@@ -139,7 +139,7 @@ impl Diagnosis {
                 ms(p.proxy_ms),
                 ms(p.connect_ms),
                 ms(p.tls_ms),
-                ms(p.websocket_ms)
+                ms(p.websocket_ms.or(p.stun_ms))
             );
         }
         if let Some(t) = &self.token {

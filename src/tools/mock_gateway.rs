@@ -28,6 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use crate::tls;
 use crate::token;
 use crate::tools::pki;
@@ -196,9 +198,18 @@ struct Seen {
 #[allow(clippy::result_large_err)]
 async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mode: Mode, ice: Arc<Value>, events: Events) {
     let _ = tcp.set_nodelay(true);
-    let Ok(tls) = acceptor.accept(tcp).await else { return };
+    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
     let host = tls.get_ref().1.server_name().map(str::to_string);
     let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    // A STUN header is 20 bytes, and any WebSocket upgrade request longer.
+    let mut first = [0u8; 20];
+    if tls.read_exact(&mut first).await.is_err() {
+        return;
+    }
+    if crate::turn::is_stun(&first) {
+        return stun_answers(tls, first, host, events).await;
+    }
+    let tls = crate::prefixed::Prefixed::new(&first, tls);
     let mut seen = Seen::default();
     let callback = |req: &Request, resp: Response| {
         let h = |name: &str| req.headers().get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -286,7 +297,7 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
         }
         let replies = match mode {
             Mode::Echo if text.as_deref() == Some("reset") => {
-                let tcp = ws.get_ref().get_ref().0;
+                let tcp = ws.get_ref().get_ref().get_ref().0;
                 let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
                 close_code = Some(1006);
                 break;
@@ -324,6 +335,31 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
         "reason": close_reason,
         "msgs": msgs,
     }));
+}
+
+/// Answers STUN Binding requests (a stand-in for a TURN server's, enough for `diagnose`'s
+/// probe) until the connection ends; `first` is the first request's header.
+async fn stun_answers<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S, first: [u8; 20], host: Option<String>, events: Events) {
+    let mut header = first;
+    let mut answered = 0u64;
+    loop {
+        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
+        let mut attributes = vec![0u8; len];
+        if io.read_exact(&mut attributes).await.is_err() || header[..2] != [0x00, 0x01] {
+            break;
+        }
+        // A Binding success response: the request's cookie and transaction id, no attributes.
+        let mut answer = header;
+        answer[..4].copy_from_slice(&[0x01, 0x01, 0x00, 0x00]);
+        if io.write_all(&answer).await.is_err() {
+            break;
+        }
+        answered += 1;
+        if io.read_exact(&mut header).await.is_err() {
+            break;
+        }
+    }
+    events.emit(json!({"event": "stun", "host": host, "answered": answered}));
 }
 
 /// The messages a Twilio gateway sends in answer to one client message, and whether

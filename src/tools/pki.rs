@@ -69,7 +69,7 @@ impl TestCa {
 /// The gateway names a mock Twilio needs to answer for: every signalling host (by wildcard), each
 /// insights host by name (as Twilio's own certificates list them), and loopback.
 pub fn twilio_names() -> Vec<String> {
-    let mut names = vec!["*.vss.twilio.com".to_string()];
+    let mut names = vec!["*.vss.twilio.com".to_string(), "global.turn.twilio.com".to_string()];
     names.extend(DEFAULT_REGIONS.iter().filter(|r| **r != "gll").map(|r| format!("sdkgw.{r}.twilio.com")));
     names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
     names

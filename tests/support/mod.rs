@@ -157,8 +157,14 @@ impl Drop for Gateway {
     }
 }
 
-/// Every Twilio host the default routes can pick, mapped to `addr`.
+/// Every Twilio host the default routes and the TURN relay can pick, mapped to `addr`.
 pub fn resolve_all_to(addr: SocketAddr) -> String {
+    // The mock gateway answers the TURN probe's STUN Binding request too.
+    resolve_gateways_to(addr) + &format!("\"global.turn.twilio.com\" = \"{addr}\"\n")
+}
+
+/// Every signalling and insights host the default routes can pick, mapped to `addr`.
+pub fn resolve_gateways_to(addr: SocketAddr) -> String {
     let mut s = String::from("[upstream.resolve]\n");
     for r in sigrelay::config::DEFAULT_REGIONS {
         let label = if *r == "gll" { "global" } else { r };
