@@ -5,7 +5,6 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -262,19 +261,7 @@ fn a_route_may_not_take_the_diag_paths_while_diag_is_on() {
 
 /// Runs tests/browser/diag.mjs and returns its JSON lines.
 async fn run_page(spec: Value) -> Vec<Value> {
-    let child = tokio::process::Command::new("node")
-        .arg(Path::new(REPO).join("tests/browser/diag.mjs"))
-        .arg(spec.to_string())
-        .env("CHROMIUM", chromium())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let out = tokio::time::timeout(Duration::from_secs(240), child.wait_with_output()).await.expect("page script ends").unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "diag.mjs failed; its stderr:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    browser_script("diag.mjs", &spec, Duration::from_secs(240)).await
 }
 
 /// A token broken into 40-character lines.

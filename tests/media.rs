@@ -9,7 +9,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -20,7 +19,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 
-const REPO: &str = env!("CARGO_MANIFEST_DIR");
 const TURN_USER: &str = "sigrelay";
 const TURN_PASSWORD: &str = "media-test-secret";
 
@@ -103,19 +101,7 @@ async fn relay_to(pki: &Pki, gw: &Gateway, coturn: &Coturn, turn_enabled: bool) 
 
 /// Runs tests/browser/media.mjs with `spec`; its one line of results.
 async fn run_page(spec: Value) -> Value {
-    let out = Command::new("node")
-        .arg(Path::new(REPO).join("tests/browser/media.mjs"))
-        .arg(spec.to_string())
-        .env("CHROMIUM", chromium())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out).await.expect("the page finishes").unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stdout.lines().last().unwrap_or_else(|| panic!("no result from the page:\n{stderr}"));
-    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}\n{stderr}"));
-    assert!(v.get("error").is_none(), "{v}\n{stderr}");
-    v
+    browser_script("media.mjs", &spec, Duration::from_secs(120)).await.pop().expect("a result line")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,6 +180,43 @@ async fn a_call_behind_a_firewall_gets_its_media_through_the_relay() {
     assert!(allocations >= 2, "coturn allocations: {allocations}\n{}", log.join("\n"));
     let tls_sessions = log.iter().filter(|l| l.contains("TLS") || l.contains("tls")).count();
     assert!(tls_sessions > 0, "{}", log.join("\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_diag_page_finds_which_media_paths_work() {
+    if !browser_ready() || !coturn_ready() {
+        return;
+    }
+    let pki = Pki::new();
+    let coturn = Coturn::start(&pki).await;
+    let ice = vec![
+        json!({"urls": "turns:global.turn.twilio.com:443?transport=tcp", "username": TURN_USER, "credential": TURN_PASSWORD}),
+        json!({"urls": "turn:global.turn.twilio.com:3478?transport=udp", "username": TURN_USER, "credential": TURN_PASSWORD}),
+        json!({"urls": "stun:global.stun.twilio.com:3478"}),
+    ];
+    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, ice).await;
+    let relay = relay_to(&pki, &gw, &coturn, true).await;
+    let closed = closed_port().await;
+    let lines = browser_script(
+        "diag.mjs",
+        &json!({
+            "url": format!("https://localhost:{}/diag", relay.addr.port()),
+            "closed": closed.port(),
+            "runs": [{"token": token("au1_valid_until_2100"), "media": true}],
+        }),
+        Duration::from_secs(240),
+    )
+    .await;
+    let run = lines.iter().find(|l| l["event"] == "run").expect("a run");
+    let status = |id: &str| run["checks"].as_array().unwrap().iter().find(|c| c["id"] == id).map(|c| c["status"].as_str().unwrap().to_string());
+    assert_eq!(status("media").as_deref(), Some("pass"), "{run}");
+    // Twilio's hosts lead nowhere from this browser; the relay's TURN gets a relay candidate.
+    assert_eq!(status("media-udp").as_deref(), Some("fail"), "{run}");
+    assert_eq!(status("media-turn-direct").as_deref(), Some("fail"), "{run}");
+    assert_eq!(status("media-turn-relay").as_deref(), Some("pass"), "{run}");
+    let findings = run["findings"].to_string();
+    assert!(findings.contains("only through the relay's TURN"), "{findings}");
+    assert!(!run["report"].as_str().unwrap().contains("eyJ"), "the report carries no token");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

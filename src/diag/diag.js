@@ -364,6 +364,104 @@ async function tokenChecks() {
 }
 
 // ---- summary and report ----
+// ---- media paths (only when asked: the token goes through the relay to the gateway) ----
+// The gateway hands out ICE servers in answer to a hello asking for them; the relay points
+// Twilio's TURN-over-TLS entry at itself. Each path is tried with a real RTCPeerConnection.
+const TWILIO_TURNS = 'turns:global.turn.twilio.com:443?transport=tcp';
+
+function iceServersFromGateway(token, path) {
+  return withTimeout(new Promise((resolve, reject) => {
+    const ws = new WebSocket(wsBase() + path);
+    ws.onopen = () => ws.send(JSON.stringify({ id: 'diag', timeout: 5000, type: 'hello', version: 2,
+      body: { edge: 'roaming', token, type: 'ice', version: 1 } }));
+    ws.onmessage = (e) => {
+      let m;
+      try { m = JSON.parse(e.data); } catch (_) { return; }
+      if (m.type === 'msg' && m.body && m.body.type === 'iced') {
+        ws.close(1000, 'diag done');
+        resolve(m.body.ice_servers || []);
+      }
+    };
+    ws.onclose = (e) => reject(new Error('the gateway closed the socket: ' + e.code + ' ' + e.reason));
+  }), 8000, 'the gateway\'s ICE servers');
+}
+
+function urlsOf(server) {
+  return Array.isArray(server.urls) ? server.urls : [server.urls];
+}
+
+function hostOf(url) {
+  const rest = url.slice(url.indexOf(':') + 1).split(/[?/]/)[0];
+  return rest.replace(/:\d+$/, '');
+}
+
+// The candidates of `type` one offer gathers with these servers and policy.
+async function gather(servers, policy, type) {
+  const pc = new RTCPeerConnection({ iceServers: servers, iceTransportPolicy: policy });
+  const found = [];
+  pc.onicecandidate = (e) => { if (e.candidate && e.candidate.candidate) found.push(e.candidate); };
+  pc.createDataChannel('diag');
+  await pc.setLocalDescription(await pc.createOffer());
+  await withTimeout(new Promise((resolve) => {
+    if (pc.iceGatheringState === 'complete') resolve();
+    pc.onicegatheringstatechange = () => { if (pc.iceGatheringState === 'complete') resolve(); };
+  }), 10000, 'gathering').catch(() => {});
+  pc.close();
+  return found.filter((c) => c.type === type);
+}
+
+async function mediaChecks(token, path) {
+  const c = addCheck({ id: 'media', name: 'Media: ICE servers from the gateway', status: 'running' });
+  let servers;
+  try {
+    servers = await iceServersFromGateway(token, path);
+    c.status = 'pass';
+    c.detail = servers.length + ' ICE servers: ' + servers.map((s) => urlsOf(s).join(' ')).join(', ');
+  } catch (e) {
+    c.status = 'fail';
+    c.detail = String(e.message || e);
+    c.fix = 'The media checks need the gateway\'s answer to a hello with this token; run the checks above first.';
+    render();
+    return;
+  }
+  render();
+  const turn = (s) => urlsOf(s).some((u) => u.startsWith('turn'));
+  const viaRelay = servers.filter((s) => turn(s) && urlsOf(s).some((u) => hostOf(u) === location.hostname));
+  // The relay replaced Twilio's TURN-over-TLS entry: ask Twilio's own with the same credentials.
+  const direct = viaRelay.map((s) => ({ urls: TWILIO_TURNS, username: s.username, credential: s.credential }))
+    .concat(servers.filter((s) => turn(s) && !urlsOf(s).some((u) => hostOf(u) === location.hostname)));
+  const stun = servers.filter((s) => urlsOf(s).some((u) => u.startsWith('stun:')));
+  const paths = [
+    ['media-udp', 'Media: UDP direct to Twilio (STUN)', stun, 'all', 'srflx',
+      'This network blocks UDP to Twilio (10000–60000); calls then need TURN.'],
+    ['media-turn-direct', 'Media: TURN direct to Twilio', direct, 'relay', 'relay',
+      'This network blocks Twilio\'s TURN servers (UDP 3478, TLS 443); calls then need the relay\'s TURN.'],
+    ['media-turn-relay', 'Media: TURN through this relay', viaRelay, 'relay', 'relay',
+      'The relay\'s TURN did not give a relay candidate: your operator should check [turn] and run `sigrelay diagnose`.'],
+  ];
+  await Promise.all(paths.map(async ([id, name, list, policy, type, fix]) => {
+    const p = addCheck({ id, name, status: 'running' });
+    if (!list.length) {
+      p.status = 'info';
+      p.detail = 'The gateway offered no server for this path.';
+      return render();
+    }
+    const started = performance.now();
+    try {
+      const found = await gather(list, policy, type);
+      p.ms = performance.now() - started;
+      p.status = found.length ? 'pass' : 'fail';
+      p.detail = found.length ? found.length + ' ' + type + ' candidate(s) via ' + list.map((s) => urlsOf(s).join(' ')).join(', ')
+        : 'no ' + type + ' candidate via ' + list.map((s) => urlsOf(s).join(' ')).join(', ');
+      p.fix = fix;
+    } catch (e) {
+      p.status = 'fail';
+      p.detail = String(e.message || e);
+    }
+    render();
+  }));
+}
+
 function findings(t) {
   const out = [];
   const failed = (id) => checks.some((c) => c.id === id && c.status === 'fail');
@@ -377,6 +475,16 @@ function findings(t) {
   if (t && t.badPath) out.push(['problem', 'Wrong wsServer path: the relay has no route for the path the app uses.']);
   if (t && t.notRelay) out.push(['problem', 'Not using the relay: the app\'s wsServer points somewhere else.']);
   if (checks.some((c) => c.id === 'clock' && c.status === 'warn')) out.push(['note', 'This computer\'s clock is off.']);
+  const passed = (id) => checks.some((c) => c.id === id && c.status === 'pass');
+  if (checks.some((c) => c.id.startsWith('media-'))) {
+    if (passed('media-udp') || passed('media-turn-direct')) {
+      out.push(['note', 'Media can reach Twilio from this network' + (passed('media-turn-relay') ? ', and through the relay\'s TURN too.' : '.')]);
+    } else if (passed('media-turn-relay')) {
+      out.push(['note', 'Media reaches Twilio only through the relay\'s TURN: this network blocks UDP and Twilio\'s TURN servers.']);
+    } else {
+      out.push(['problem', 'No media path: neither UDP, nor Twilio\'s TURN, nor the relay\'s TURN works from this browser.']);
+    }
+  }
   const direct = checks.filter((c) => c.id === 'direct');
   if (direct.some((c) => c.status === 'fail')) {
     out.push(['note', 'Twilio is blocked from this network directly, so calls must go through this relay.']);
@@ -423,6 +531,12 @@ async function runAll() {
   await echoCheck();
   await Promise.all([gatewayChecks(), ...DIRECT_URLS.map(directCheck)]);
   const t = await tokenChecks();
+  const token = $('#token').value.replace(/\s+/g, '');
+  if ($('#media').checked && token && t && !t.unreadable) {
+    const ws = wsServer();
+    const path = ws && !ws.bad && ws.host === location.host ? ws.path : ((info && info.routes[0]) ? info.routes[0].path : '/signaling');
+    await mediaChecks(token, path);
+  }
   const found = findings(t);
   const list = $('#summary');
   list.replaceChildren(...found.map(([kind, text]) => el('li', kind, text)));
@@ -451,5 +565,5 @@ document.addEventListener('DOMContentLoaded', () => {
   $('#wsserver').placeholder = wsBase() + '/signaling';
   $('#run').addEventListener('click', runAll);
   $('#copy').addEventListener('click', copyReport);
-  $('#footer').textContent = 'sigrelay diagnostics. The token stays in this page. Besides ' + location.host + ', the page only opens (and sends nothing on) WebSockets to ' + DIRECT_URLS.map((u) => new URL(u).host).join(' and ') + ', to see whether this network blocks them.';
+  $('#footer').textContent = 'sigrelay diagnostics. The token stays in this page unless you tick the media check, which sends it through ' + location.host + ' to Twilio\'s signalling gateway for TURN credentials. Besides ' + location.host + ', the page only opens (and sends nothing on) WebSockets to ' + DIRECT_URLS.map((u) => new URL(u).host).join(' and ') + ', to see whether this network blocks them, and, for the media check, asks the TURN and STUN servers the gateway names.';
 });

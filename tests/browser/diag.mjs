@@ -2,7 +2,7 @@
 //
 // Usage: node diag.mjs '<spec as JSON>'
 //   spec: { url: "https://localhost:PORT/diag", closed: PORT, screenshot: "file.png",
-//           runs: [{ token: "...", wsServer: "..." }, ...],
+//           runs: [{ token: "...", wsServer: "...", media: true }, ...],
 //           simulate: ["no-webrtc", "ws-blocked"] (optional: an old browser, a proxy that
 //           refuses WebSocket upgrades) }
 // Every host name but localhost resolves to 127.0.0.1:<closed> (a closed port), so the page's
@@ -47,6 +47,7 @@ try {
   for (const run of spec.runs) {
     await tab.fill('#token', run.token || '');
     await tab.fill('#wsserver', run.wsServer || '');
+    await tab.setChecked('#media', !!run.media);
     await tab.evaluate(() => { window.sigrelayDiag = null; });
     await tab.click('#run');
     await tab.waitForFunction(() => window.sigrelayDiag && window.sigrelayDiag.done, null, { timeout: 90000 });

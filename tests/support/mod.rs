@@ -618,6 +618,26 @@ where
     tokio_tungstenite::client_async(url, stream).await.expect("websocket upgrade").0
 }
 
+/// Runs a browser script from tests/browser with `spec` (as JSON in its first argument), within
+/// `limit`; the JSON lines it printed.
+pub async fn browser_script(script: &str, spec: &Value, limit: Duration) -> Vec<Value> {
+    let child = tokio::process::Command::new("node")
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser").join(script))
+        .arg(spec.to_string())
+        .env("CHROMIUM", chromium())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node runs");
+    let out = tokio::time::timeout(limit, child.wait_with_output()).await.expect("the browser script ends").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{script} failed; its stderr:\n{stderr}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(lines.iter().all(|l| l.get("error").is_none()), "{lines:?}\n{stderr}");
+    lines
+}
+
 /// Debian's Chromium, or `$CHROMIUM`.
 pub fn chromium() -> String {
     std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
