@@ -21,7 +21,29 @@ fn plan(pki: &Pki, relay: &Relay, mode: Mode) -> Plan {
         source_ips: vec!["127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap()],
         tls: pki.client_tls(),
         progress: false,
+        turn: false,
     }
+}
+
+/// The same modes over TURN: STUN-framed messages on TLS, through the relay's TURN relay to the
+/// mock gateway, which echoes them.
+#[tokio::test]
+async fn every_mode_runs_clean_over_turn_through_the_relay() {
+    let pki = Pki::new();
+    let gw = Gateway::start(&pki, mock_gateway::Mode::Echo).await;
+    let mut relay = Relay::to_gateway(&pki, &gw, "").await;
+    let turn = |mode| Plan { turn: true, ..plan(&pki, &relay, mode) };
+    let mut held = 0;
+    let idle = loadtest::run(turn(Mode::Idle), |n| held = n).await.unwrap();
+    assert!(idle.clean(), "{}", idle.table());
+    assert_eq!((held, idle.completed), (20, 20));
+    let churn = loadtest::run(turn(Mode::Churn), |_| {}).await.unwrap();
+    assert!(churn.clean() && churn.completed > 0, "{}", churn.table());
+    let echo = loadtest::run(Plan { size: 1000, ..turn(Mode::Echo) }, |_| {}).await.unwrap();
+    assert!(echo.clean(), "{}", echo.table());
+    assert_eq!((echo.sent, echo.received), (200, 200));
+    let r = relay.record("handshake").await;
+    assert_eq!(r["route"], "turn", "the relay's TURN relay carried them: {r}");
 }
 
 #[tokio::test]

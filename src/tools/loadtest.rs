@@ -68,6 +68,11 @@ pub struct Args {
     /// Allow a target that is not on loopback: you are load-testing a deployment you run.
     #[arg(long)]
     allow_non_loopback: bool,
+    /// Speak TURN over TLS instead of WebSocket: STUN-framed messages on a TLS stream, as a
+    /// browser's TURN client sends them, to load the relay's TURN relay (the URL's path is not
+    /// used). The upstream must echo them, as `mock-gateway` does.
+    #[arg(long)]
+    turn: bool,
 }
 
 /// Runs `sigrelay loadtest`: exit 0 for a clean run (no errors, nothing lost, reordered or
@@ -104,6 +109,7 @@ fn cli(args: Args) -> anyhow::Result<bool> {
         source_ips: args.source_ip,
         tls,
         progress: !args.json && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        turn: args.turn,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
@@ -144,6 +150,8 @@ pub struct Plan {
     pub source_ips: Vec<IpAddr>,
     pub tls: Arc<rustls::ClientConfig>,
     pub progress: bool,
+    /// TURN over TLS (STUN-framed messages) instead of WebSocket.
+    pub turn: bool,
 }
 
 /// Errors counted by cause.
@@ -269,10 +277,141 @@ struct Client {
     tls: TlsConnector,
     source_ips: Vec<IpAddr>,
     next_source: AtomicU64,
+    turn: bool,
+}
+
+/// One load connection: a WebSocket, or a TLS stream carrying STUN-framed messages.
+enum Conn {
+    Ws(Box<Ws>),
+    Turn(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection's sending half.
+enum Tx {
+    Ws(futures_util::stream::SplitSink<Ws, Message>),
+    Turn(tokio::io::WriteHalf<TlsStream<TcpStream>>),
+}
+
+/// A connection's receiving half.
+enum Rx {
+    Ws(futures_util::stream::SplitStream<Ws>),
+    Turn(tokio::io::ReadHalf<TlsStream<TcpStream>>),
+}
+
+/// A STUN Send indication (RFC 5766 §10) carrying `payload` (padded to four bytes): the shape of
+/// a TURN client's messages, which the echo upstream sends back as they are.
+fn stun_framed(payload: &[u8]) -> Vec<u8> {
+    let len = payload.len().div_ceil(4) * 4;
+    let mut m = Vec::with_capacity(20 + len);
+    m.extend_from_slice(&[0x00, 0x16]);
+    m.extend_from_slice(&(len as u16).to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    m.extend_from_slice(&[0x5a; 12]);
+    m.extend_from_slice(payload);
+    m.resize(20 + len, 0);
+    m
+}
+
+impl Tx {
+    async fn send(&mut self, payload: Vec<u8>) -> Result<(), String> {
+        match self {
+            Tx::Ws(sink) => sink.send(Message::binary(payload)).await.map_err(|e| format!("send: {e}")),
+            Tx::Turn(w) => {
+                use tokio::io::AsyncWriteExt;
+                w.write_all(&stun_framed(&payload)).await.map_err(|e| format!("send: {e}"))
+            }
+        }
+    }
+
+    async fn close(&mut self) {
+        match self {
+            Tx::Ws(sink) => {
+                let _ = sink.close().await;
+            }
+            Tx::Turn(w) => {
+                let _ = tokio::io::AsyncWriteExt::shutdown(w).await;
+            }
+        }
+    }
+}
+
+impl Rx {
+    /// The next message's payload; `Ok(None)` at an orderly end.
+    async fn recv(&mut self) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            Rx::Ws(stream) => loop {
+                match stream.next().await {
+                    Some(Ok(Message::Binary(d))) => return Ok(Some(d.to_vec())),
+                    Some(Ok(Message::Text(t))) => return Ok(Some(t.as_bytes().to_vec())),
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(format!("closed: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)))
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(format!("read: {e}")),
+                    None => return Ok(None),
+                }
+            },
+            Rx::Turn(r) => {
+                use tokio::io::AsyncReadExt;
+                let mut header = [0u8; 20];
+                match r.read_exact(&mut header).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+                    Err(e) => return Err(format!("read: {e}")),
+                }
+                let mut payload = vec![0u8; u16::from_be_bytes([header[2], header[3]]) as usize];
+                r.read_exact(&mut payload).await.map_err(|e| format!("read: {e}"))?;
+                Ok(Some(payload))
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn split(self) -> (Tx, Rx) {
+        match self {
+            Conn::Ws(ws) => {
+                let (sink, stream) = (*ws).split();
+                (Tx::Ws(sink), Rx::Ws(stream))
+            }
+            Conn::Turn(tls) => {
+                let (r, w) = tokio::io::split(*tls);
+                (Tx::Turn(w), Rx::Turn(r))
+            }
+        }
+    }
+
+    /// Sends one message and waits for its echo.
+    async fn echo_one(self, payload: Vec<u8>) -> Result<Conn, String> {
+        let (mut tx, mut rx) = self.split();
+        tx.send(payload).await?;
+        match rx.recv().await? {
+            Some(_) => Ok(Conn::join(tx, rx)),
+            None => Err("read: connection ended".into()),
+        }
+    }
+
+    fn join(tx: Tx, rx: Rx) -> Conn {
+        match (tx, rx) {
+            (Tx::Ws(sink), Rx::Ws(stream)) => Conn::Ws(Box::new(stream.reunite(sink).expect("the halves of one socket"))),
+            (Tx::Turn(w), Rx::Turn(r)) => Conn::Turn(Box::new(r.unsplit(w))),
+            _ => unreachable!("the halves of one connection"),
+        }
+    }
+
+    /// Closes properly (a close handshake, or a TLS close), waiting briefly for the end.
+    async fn close(self) {
+        let (mut tx, mut rx) = self.split();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            tx.close().await;
+            while let Ok(Some(_)) = rx.recv().await {}
+        })
+        .await;
+    }
 }
 
 impl Client {
-    async fn connect(&self) -> Result<Ws, String> {
+    async fn connect(&self) -> Result<Conn, String> {
         let socket = if self.addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.map_err(|e| format!("socket: {e}"))?;
         if !self.source_ips.is_empty() {
             // Spread over several source addresses: one has only ~28k ephemeral ports.
@@ -282,6 +421,9 @@ impl Client {
         let tcp = socket.connect(self.addr).await.map_err(|e| format!("connect: {}", e.kind()))?;
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.connect(self.name.clone(), tcp).await.map_err(|e| format!("tls: {e}"))?;
+        if self.turn {
+            return Ok(Conn::Turn(Box::new(tls)));
+        }
         let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
         let (ws, _) = tokio_tungstenite::client_async_with_config(self.url.as_str(), tls, Some(config))
             .await
@@ -289,23 +431,7 @@ impl Client {
                 tokio_tungstenite::tungstenite::Error::Http(resp) => format!("upgrade: HTTP {}", resp.status().as_u16()),
                 other => format!("upgrade: {other}"),
             })?;
-        Ok(ws)
-    }
-}
-
-/// Sends one message and waits for its echo.
-async fn echo_one(ws: &mut Ws, payload: Vec<u8>) -> Result<(), String> {
-    ws.send(Message::binary(payload)).await.map_err(|e| format!("send: {e}"))?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Binary(_) | Message::Text(_))) => return Ok(()),
-            Some(Ok(Message::Close(frame))) => {
-                return Err(format!("closed: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)))
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(format!("read: {e}")),
-            None => return Err("read: connection ended".into()),
-        }
+        Ok(Conn::Ws(Box::new(ws)))
     }
 }
 
@@ -336,6 +462,7 @@ pub async fn run(plan: Plan, on_held: impl FnOnce(usize)) -> Result<Report, Stri
         tls: TlsConnector::from(plan.tls.clone()),
         source_ips: plan.source_ips.clone(),
         next_source: AtomicU64::new(0),
+        turn: plan.turn,
     });
     let errors = Arc::new(Errors::default());
     let started = Instant::now();
@@ -377,9 +504,8 @@ async fn idle(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>, on_held: im
             let permit = gate.acquire_owned().await.expect("semaphore open");
             let t = Instant::now();
             let result = async {
-                let mut ws = client.connect().await?;
-                echo_one(&mut ws, format!("idle {i}").into_bytes()).await?;
-                Ok::<_, String>(ws)
+                let conn = client.connect().await?;
+                conn.echo_one(format!("idle {i:08}").into_bytes()).await
             }
             .await;
             drop(permit);
@@ -409,29 +535,22 @@ async fn idle(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>, on_held: im
     let done = tokio_util::sync::CancellationToken::new();
     let holding = held.len();
     let mut readers = tokio::task::JoinSet::new();
-    for mut ws in held.drain(..) {
+    for conn in held.drain(..) {
         let (errors, done) = (errors.clone(), done.clone());
         readers.spawn(async move {
+            let (tx, mut rx) = conn.split();
             loop {
                 tokio::select! {
-                    msg = ws.next() => match msg {
-                        Some(Ok(Message::Close(frame))) => {
-                            errors.add(format!("closed while held: {}", frame.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                    msg = rx.recv() => match msg {
+                        Ok(Some(_)) => {}
+                        Ok(None) => return,
+                        Err(e) => {
+                            errors.add(format!("{e} while held"));
                             return;
                         }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => {
-                            errors.add(format!("read while held: {e}"));
-                            return;
-                        }
-                        None => return,
                     },
                     _ = done.cancelled() => {
-                        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                            let _ = ws.close(None).await;
-                            while let Some(Ok(_)) = ws.next().await {}
-                        })
-                        .await;
+                        Conn::join(tx, rx).close().await;
                         return;
                     }
                 }
@@ -461,10 +580,8 @@ async fn churn(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report 
             while Instant::now() < deadline {
                 let t = Instant::now();
                 let result = async {
-                    let mut ws = client.connect().await?;
-                    echo_one(&mut ws, format!("churn {w}").into_bytes()).await?;
-                    ws.close(None).await.map_err(|e| format!("close: {e}"))?;
-                    while let Some(Ok(_)) = ws.next().await {}
+                    let conn = client.connect().await?;
+                    conn.echo_one(format!("churn {w:08}").into_bytes()).await?.close().await;
                     Ok::<_, String>(())
                 }
                 .await;
@@ -547,6 +664,7 @@ async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
         let offset = interval.mul_f64(i as f64 / live as f64);
         tasks.spawn(async move {
             let (mut sink, mut stream) = ws.split();
+            let size = if matches!(sink, Tx::Turn(_)) { size.div_ceil(4) * 4 } else { size };
             let first = start + offset;
             let sender = async {
                 let mut seq = 0u64;
@@ -559,8 +677,8 @@ async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
                     tokio::time::sleep_until(intended.into()).await;
                     payload[..8].copy_from_slice(&seq.to_be_bytes());
                     payload[8..16].copy_from_slice(&(intended.duration_since(start).as_nanos() as u64).to_be_bytes());
-                    if let Err(e) = sink.send(Message::binary(payload.clone())).await {
-                        errors.add(format!("send: {e}"));
+                    if let Err(e) = sink.send(payload.clone()).await {
+                        errors.add(e);
                         break;
                     }
                     seq += 1;
@@ -574,19 +692,14 @@ async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
                 let mut seen = std::collections::HashSet::new();
                 let grace = end + Duration::from_secs(2);
                 loop {
-                    let msg = tokio::time::timeout_at(grace.into(), stream.next()).await;
+                    let msg = tokio::time::timeout_at(grace.into(), stream.recv()).await;
                     let data = match msg {
-                        Ok(Some(Ok(Message::Binary(d)))) => d,
-                        Ok(Some(Ok(Message::Close(f)))) => {
-                            errors.add(format!("closed: {}", f.map(|f| u16::from(f.code)).unwrap_or(1005)));
+                        Ok(Ok(Some(d))) => d,
+                        Ok(Err(e)) => {
+                            errors.add(e);
                             break;
                         }
-                        Ok(Some(Ok(_))) => continue,
-                        Ok(Some(Err(e))) => {
-                            errors.add(format!("read: {e}"));
-                            break;
-                        }
-                        Ok(None) | Err(_) => break,
+                        Ok(Ok(None)) | Err(_) => break,
                     };
                     if data.len() < 16 {
                         errors.add("short echo");
@@ -610,7 +723,7 @@ async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
             let (sent, (local, mut t, seen)) = tokio::join!(sender, receiver);
             t.sent = sent;
             t.lost = (0..sent).filter(|s| !seen.contains(s)).count() as u64;
-            let _ = sink.close().await;
+            sink.close().await;
             hist.lock().unwrap().add(&local).expect("same bounds");
             let mut total = totals.lock().unwrap();
             total.sent += t.sent;

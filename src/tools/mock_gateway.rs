@@ -337,29 +337,35 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
     }));
 }
 
-/// Answers STUN Binding requests (a stand-in for a TURN server's, enough for `diagnose`'s
-/// probe) until the connection ends; `first` is the first request's header.
+/// A stand-in for a TURN server, on connections that start with a STUN message: Binding requests
+/// get a Binding success (enough for `diagnose`'s probe), and every other STUN-framed message
+/// comes back as it was (what `loadtest --turn` measures), until the connection ends. `first`
+/// is the first message's header.
 async fn stun_answers<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S, first: [u8; 20], host: Option<String>, events: Events) {
-    let mut header = first;
-    let mut answered = 0u64;
+    let mut message = first.to_vec();
+    let (mut answered, mut echoed) = (0u64, 0u64);
     loop {
-        let len = u16::from_be_bytes([header[2], header[3]]) as usize;
-        let mut attributes = vec![0u8; len];
-        if io.read_exact(&mut attributes).await.is_err() || header[..2] != [0x00, 0x01] {
+        let len = u16::from_be_bytes([message[2], message[3]]) as usize;
+        message.resize(20 + len, 0);
+        if io.read_exact(&mut message[20..]).await.is_err() {
             break;
         }
-        // A Binding success response: the request's cookie and transaction id, no attributes.
-        let mut answer = header;
-        answer[..4].copy_from_slice(&[0x01, 0x01, 0x00, 0x00]);
-        if io.write_all(&answer).await.is_err() {
-            break;
-        }
-        answered += 1;
-        if io.read_exact(&mut header).await.is_err() {
+        let written = if message[..2] == [0x00, 0x01] {
+            // A Binding success: the request's cookie and transaction id, no attributes.
+            answered += 1;
+            let mut answer = message[..20].to_vec();
+            answer[..4].copy_from_slice(&[0x01, 0x01, 0x00, 0x00]);
+            io.write_all(&answer).await
+        } else {
+            echoed += 1;
+            io.write_all(&message).await
+        };
+        message.resize(20, 0);
+        if written.is_err() || io.read_exact(&mut message).await.is_err() {
             break;
         }
     }
-    events.emit(json!({"event": "stun", "host": host, "answered": answered}));
+    events.emit(json!({"event": "stun", "host": host, "answered": answered, "echoed": echoed}));
 }
 
 /// The messages a Twilio gateway sends in answer to one client message, and whether
