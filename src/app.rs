@@ -20,10 +20,42 @@ use crate::shutdown::Signals;
 use crate::tls::{self, CertStore, TlsError};
 use crate::upstream::Connector;
 
-/// The parts of the configuration a reload (SIGHUP) replaces: routes, regions, limits, origins.
+/// The parts of the configuration a reload (SIGHUP) replaces: routes, regions, limits, origins,
+/// `[turn]`.
 pub struct Current {
     pub config: Config,
     pub router: Router,
+    /// The `turns:` URL browsers are told in place of the TURN upstream's: `[turn] public_url`,
+    /// or one made of the certificate's host name. `None` when TURN is off or no URL is known.
+    pub turn_public_url: Option<String>,
+}
+
+impl Current {
+    fn new(config: Config, certs: &CertStore) -> Current {
+        let turn_public_url = turn_public_url(&config, certs);
+        Current { router: Router::new(&config), config, turn_public_url }
+    }
+}
+
+/// What browsers are told to use for TURN, if anything.
+fn turn_public_url(config: &Config, certs: &CertStore) -> Option<String> {
+    let turn = &config.turn;
+    match (&turn.public_url, turn.enabled, config.server.tls) {
+        (_, false, _) => None,
+        (Some(url), true, _) => Some(url.clone()),
+        // Without TLS the certificate says nothing about the name browsers use.
+        (None, true, false) => {
+            tracing::warn!("[turn] public_url is not set and server.tls is off: the gateway's ICE servers are passed on unchanged");
+            None
+        }
+        (None, true, true) => {
+            let derived = certs.host_name().map(|host| format!("turns:{host}:443?transport=tcp"));
+            if derived.is_none() {
+                tracing::warn!("[turn] public_url is not set and the certificate names no host: the gateway's ICE servers are passed on unchanged");
+            }
+            derived
+        }
+    }
 }
 
 /// State shared by every connection of one running relay.
@@ -44,9 +76,6 @@ pub struct App {
     pub limiter: Limiter,
     /// The `/diag` page's last gateway probes.
     pub probes: ProbeCache,
-    /// The `turns:` URL browsers are told in place of the TURN upstream's: `[turn] public_url`,
-    /// or one made of the certificate's host name. `None` when TURN is off or no host is known.
-    pub turn_public_url: Option<String>,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
     /// Set once every thread is accepting.
@@ -84,33 +113,26 @@ impl App {
         let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
         let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
         let metrics = Arc::new(Metrics::new(records.dropped_counter()));
-        let turn_public_url = match (&config.turn.public_url, config.turn.enabled) {
-            (_, false) => None,
-            (Some(url), true) => Some(url.clone()),
-            (None, true) => {
-                let derived = certs.host_name().map(|host| format!("turns:{host}:443?transport=tcp"));
-                if derived.is_none() {
-                    tracing::warn!("[turn] public_url is not set and the certificate names no host: the gateway's ICE servers are passed on unchanged");
-                }
-                derived
-            }
-        };
+        let connector = Connector::new(&config, client_tls).map_err(StartError::Dns)?;
+        let tls = config.server.tls.then(|| TlsAcceptor::from(server_tls));
+        let proxy_protocol = config.server.proxy_protocol;
+        let limiter = Limiter::new(config.limits.clone(), derived_max);
+        let current = Current::new(config, &certs);
         Ok(Arc::new(App {
-            connector: Connector::new(&config, client_tls).map_err(StartError::Dns)?,
+            connector,
             records,
             metrics,
             registry: Registry::default(),
             shutdown: Signals::default(),
             tracker: TaskTracker::new(),
-            tls: config.server.tls.then(|| TlsAcceptor::from(server_tls)),
-            proxy_protocol: config.server.proxy_protocol,
+            tls,
+            proxy_protocol,
             certs,
-            limiter: Limiter::new(config.limits.clone(), derived_max),
+            limiter,
             probes: ProbeCache::default(),
-            turn_public_url,
             admin_addr: OnceLock::new(),
             accepting: AtomicBool::new(false),
-            current: ArcSwap::from_pointee(Current { router: Router::new(&config), config }),
+            current: ArcSwap::from_pointee(current),
         }))
     }
 
@@ -119,7 +141,8 @@ impl App {
         self.current.load_full()
     }
 
-    /// Puts a new configuration's routes, regions, limits, origins and certificates in force.
+    /// Puts a new configuration's routes, regions, limits, origins, `[turn]` and certificates in
+    /// force.
     /// Listener settings (address, TLS on/off, PROXY protocol, admin) need a restart. On error
     /// nothing changes.
     pub fn reload(&self, config: Config) -> Result<(), TlsError> {
@@ -140,7 +163,7 @@ impl App {
         }
         self.certs.reload(&config)?;
         self.limiter.update(config.limits.clone());
-        self.current.store(Arc::new(Current { router: Router::new(&config), config }));
+        self.current.store(Arc::new(Current::new(config, &self.certs)));
         Ok(())
     }
 

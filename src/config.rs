@@ -40,6 +40,9 @@ pub struct TurnSettings {
     /// What browsers are told in place of the upstream's `turns:` URLs; `None` until derived from
     /// the certificate's first DNS name when unset.
     pub public_url: Option<String>,
+    /// Close a TURN connection after this long without a byte either way (default 60 s: a live
+    /// one carries ICE consent checks every few seconds). `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `[server]`.
@@ -355,6 +358,7 @@ struct RawTurn {
     enabled: Option<bool>,
     upstream: Option<String>,
     public_url: Option<String>,
+    idle_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -859,7 +863,8 @@ impl RawTurn {
             }
             ok
         });
-        TurnSettings { enabled: self.enabled.unwrap_or(true), upstream, public_url }
+        let idle_timeout = c.optional_duration("turn.idle_timeout", self.idle_timeout.as_deref(), Some(Duration::from_secs(60)));
+        TurnSettings { enabled: self.enabled.unwrap_or(true), upstream, public_url, idle_timeout }
     }
 }
 

@@ -25,6 +25,9 @@ pub const MAX_ICED: usize = 16 * 1024;
 const MAX_FRAMES: usize = 8;
 /// How long the gateway's answer to the hello is watched for it.
 const WATCH: Duration = Duration::from_secs(3);
+/// How much longer writing what was read to the browser may take: a browser that does not read
+/// the gateway's first answer by then is not going to.
+const WRITE_GRACE: Duration = Duration::from_secs(2);
 
 /// What the watch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -35,6 +38,9 @@ pub struct Rewrite {
     /// Data messages and bytes forwarded to the browser meanwhile.
     pub msgs: u64,
     pub bytes: u64,
+    /// Whether the browser stopped reading: a write to it did not finish in time, so its
+    /// stream may hold part of a frame and the connection cannot go on.
+    pub client_stalled: bool,
 }
 
 /// Which servers to rewrite, and to what.
@@ -47,52 +53,71 @@ pub struct Rule<'a> {
 }
 
 impl Rule<'_> {
-    /// Whether a server URL is a TURN entry over TCP or TLS for the upstream's host.
+    /// Whether a server URL is a TURN entry over TCP or TLS for the upstream's host (schemes and
+    /// hosts compared without case, RFC 7065; an IPv6 host in brackets).
     fn applies(&self, url: &str) -> bool {
         let (scheme, _) = url.split_once(':').unwrap_or(("", ""));
-        let udp = url.contains("transport=udp") || (scheme == "turn" && !url.contains("transport=tcp"));
-        let host = turn_url_authority(url).rsplit_once(':').map_or(turn_url_authority(url), |(h, _)| h);
-        matches!(scheme, "turns" | "turn") && !udp && host.eq_ignore_ascii_case(self.upstream_host)
+        let scheme = scheme.to_ascii_lowercase();
+        let query = url.split_once('?').map_or("", |(_, q)| q).to_ascii_lowercase();
+        let udp = query.contains("transport=udp") || (scheme == "turn" && !query.contains("transport=tcp"));
+        let authority = turn_url_authority(url);
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split_once(']').map_or(v6, |(h, _)| h),
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        let ours = self.upstream_host.trim_start_matches('[').trim_end_matches(']');
+        matches!(scheme.as_str(), "turns" | "turn") && !udp && host.eq_ignore_ascii_case(ours)
     }
 
     /// What a message is, and for an `iced` naming the upstream's TURN servers, the message with
-    /// them rewritten.
+    /// them rewritten. Entries that end up the same as an earlier one (the upstream's TCP and
+    /// TLS URLs with the same credentials both become the relay's) are dropped, so a browser
+    /// opens one TURN connection to the relay, not one per copy.
     pub fn rewrite(&self, payload: &[u8]) -> Iced {
         let Ok(mut msg) = serde_json::from_slice::<Value>(payload) else { return Iced::Not };
         if msg["type"] != "msg" || msg["body"]["type"] != "iced" {
             return Iced::Not;
         }
         let Some(servers) = msg.pointer_mut("/body/ice_servers").and_then(Value::as_array_mut) else { return Iced::Unchanged };
-        let mut rewritten = 0;
-        for server in servers {
-            let Some(urls) = server.get_mut("urls") else { continue };
-            let changed = match urls {
-                Value::String(u) if self.applies(u) => {
+        let mut moved = vec![false; servers.len()];
+        for (server, moved) in servers.iter_mut().zip(moved.iter_mut()) {
+            match server.get_mut("urls") {
+                Some(Value::String(u)) if self.applies(u) => {
                     *u = self.public_url.to_string();
-                    true
+                    *moved = true;
                 }
-                Value::Array(list) => {
-                    let before = list.len();
-                    let mut changed = false;
+                Some(Value::Array(list)) => {
                     for u in list.iter_mut() {
                         if u.as_str().is_some_and(|s| self.applies(s)) {
                             *u = Value::String(self.public_url.to_string());
-                            changed = true;
+                            *moved = true;
                         }
                     }
-                    // Two of the upstream's URLs in one entry become one of the relay's.
-                    let mut seen = std::collections::HashSet::new();
-                    list.retain(|u| seen.insert(u.to_string()));
-                    changed || list.len() != before
+                    if *moved {
+                        let mut seen = std::collections::HashSet::new();
+                        list.retain(|u| seen.insert(u.to_string()));
+                    }
                 }
-                _ => false,
-            };
-            rewritten += changed as u32;
+                _ => {}
+            }
         }
-        if rewritten == 0 {
+        if !moved.contains(&true) {
             return Iced::Unchanged;
         }
+        let mut seen = std::collections::HashSet::new();
+        let mut kept = moved.iter();
+        servers.retain(|server| !*kept.next().expect("one flag per entry") || seen.insert(server.to_string()));
+        let rewritten = servers.iter().filter(|s| self.points_here(s)).count() as u32;
         Iced::Rewritten(serde_json::to_vec(&msg).expect("a Value serializes"), rewritten)
+    }
+
+    /// Whether an entry lists the relay's URL.
+    fn points_here(&self, server: &Value) -> bool {
+        match &server["urls"] {
+            Value::String(u) => u == self.public_url,
+            Value::Array(list) => list.iter().any(|u| u == self.public_url),
+            _ => false,
+        }
     }
 }
 
@@ -109,21 +134,24 @@ pub enum Iced {
 
 /// Watches the gateway's first frames (`leftover` came with its 101, the rest is read from
 /// `upstream`) for the `iced`, forwarding each to `client` as it arrived and the `iced`
-/// rewritten. Returns what it did and the bytes read but not forwarded, for the pump; an I/O
-/// error is left for the pump to find.
-pub async fn watch<U, C>(upstream: &mut U, client: &mut C, leftover: Vec<u8>, rule: &Rule<'_>) -> (Rewrite, Vec<u8>)
+/// rewritten; frames larger than `max_frame` (or [`MAX_ICED`]) end the watch. Returns what it
+/// did and the bytes read but not forwarded, for the pump; an I/O error is left for the pump to
+/// find.
+pub async fn watch<U, C>(upstream: &mut U, client: &mut C, leftover: Vec<u8>, rule: &Rule<'_>, max_frame: u64) -> (Rewrite, Vec<u8>)
 where
     U: AsyncRead + Unpin,
     C: AsyncWrite + Unpin,
 {
     let deadline = Instant::now() + WATCH;
+    let write_deadline = deadline + WRITE_GRACE;
+    let max_frame = max_frame.min(MAX_ICED as u64);
     let mut buf = leftover;
     let mut done = Rewrite::default();
     for _ in 0..MAX_FRAMES {
         // A whole candidate frame in `buf`, or the watch ends.
         let (header_len, total) = loop {
             match frame::parse_header(&buf) {
-                Ok(Some(h)) if h.opcode == OpCode::Text && h.fin && h.mask.is_none() && h.frame_len() <= MAX_ICED as u64 => {
+                Ok(Some(h)) if h.opcode == OpCode::Text && h.fin && h.mask.is_none() && h.frame_len() <= max_frame => {
                     if buf.len() as u64 >= h.frame_len() {
                         break (h.header_len, h.frame_len() as usize);
                     }
@@ -143,16 +171,23 @@ where
             return (done, buf);
         }
         let iced = if mentions_iced(payload) { rule.rewrite(payload) } else { Iced::Not };
-        let written = match &iced {
+        let out = match &iced {
             Iced::Rewritten(rewritten, n) => {
                 let mut out = Vec::with_capacity(frame::MAX_HEADER_LEN + rewritten.len());
                 frame::encode_frame(&mut out, OpCode::Text, rewritten, None);
                 done.servers_rewritten = *n;
-                client.write_all(&out).await.map(|()| out.len())
+                std::borrow::Cow::Owned(out)
             }
-            Iced::Not | Iced::Unchanged => client.write_all(&buf[..total]).await.map(|()| total),
+            Iced::Not | Iced::Unchanged => std::borrow::Cow::Borrowed(&buf[..total]),
         };
-        let Ok(written) = written else { return (done, buf) };
+        let written = match tokio::time::timeout_at(write_deadline, client.write_all(&out)).await {
+            Ok(Ok(())) => out.len(),
+            Ok(Err(_)) => return (done, buf),
+            Err(_) => {
+                done.client_stalled = true;
+                return (done, buf);
+            }
+        };
         done.msgs += 1;
         done.bytes += written as u64;
         buf.drain(..total);
@@ -161,7 +196,9 @@ where
             break;
         }
     }
-    let _ = client.flush().await;
+    if tokio::time::timeout_at(write_deadline, client.flush()).await.is_err() {
+        done.client_stalled = true;
+    }
     (done, buf)
 }
 
@@ -200,6 +237,28 @@ mod tests {
     }
 
     #[test]
+    fn one_relay_entry_per_credential_and_any_case() {
+        let iced = r#"{"type":"msg","body":{"type":"iced","ice_servers":[
+            {"urls":"TURNS:Global.Turn.Twilio.com:443?transport=tcp","username":"u","credential":"c"},
+            {"urls":"turn:global.turn.twilio.com:3478?TRANSPORT=TCP","username":"u","credential":"c"},
+            {"urls":"turn:global.turn.twilio.com:3478?transport=tcp","username":"v","credential":"d"},
+            {"urls":"turns:global.turn.twilio.com:443?transport=tcp","username":"u","credential":"c"}]}}"#;
+        let Iced::Rewritten(out, n) = RULE.rewrite(iced.as_bytes()) else { panic!("rewritten") };
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        let servers = v["body"]["ice_servers"].as_array().unwrap();
+        assert_eq!(servers.len(), 2, "{servers:?}");
+        assert_eq!((servers[0]["username"].as_str(), servers[1]["username"].as_str()), (Some("u"), Some("v")));
+        assert_eq!(n, 2);
+        // An IPv6 upstream matches its bracketed URLs.
+        let v6 = Rule { upstream_host: "::1", public_url: RULE.public_url };
+        assert!(v6.applies("turns:[::1]:5349?transport=tcp"));
+        assert!(!v6.applies("turns:[::2]:5349?transport=tcp"));
+        // Duplicates that point elsewhere are the gateway's business, not a rewrite.
+        let twice = r#"{"type":"msg","body":{"type":"iced","ice_servers":[{"urls":["stun:a:3478","stun:a:3478"]}]}}"#;
+        assert_eq!(RULE.rewrite(twice.as_bytes()), Iced::Unchanged);
+    }
+
+    #[test]
     fn leaves_what_is_not_an_iced() {
         assert_eq!(RULE.rewrite(br#"{"type":"welcome","negotiatedTimeout":5000}"#), Iced::Not);
         assert_eq!(RULE.rewrite(b"not json"), Iced::Not);
@@ -229,7 +288,7 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
         let mut to_browser = Vec::new();
-        let (done, left) = watch(&mut up, &mut to_browser, welcome.clone(), &RULE).await;
+        let (done, left) = watch(&mut up, &mut to_browser, welcome.clone(), &RULE, u64::MAX).await;
         assert!(done.iced_seen);
         assert_eq!((done.servers_rewritten, done.msgs), (2, 2));
         assert_eq!(&to_browser[..welcome.len()], &welcome[..], "the welcome as it came");
@@ -240,13 +299,36 @@ mod tests {
         assert_eq!(done.bytes as usize, to_browser.len());
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_browser_that_does_not_read_ends_the_watch_in_bounded_time() {
+        let (mut gw, mut up) = tokio::io::duplex(64 * 1024);
+        gw.write_all(&text(&iced())).await.unwrap();
+        // The browser's side holds 16 bytes and is never read.
+        let (mut to_browser, _unread) = tokio::io::duplex(16);
+        let started = Instant::now();
+        let (done, _) = watch(&mut up, &mut to_browser, Vec::new(), &RULE, u64::MAX).await;
+        assert!(done.client_stalled);
+        assert!(started.elapsed() <= WATCH + WRITE_GRACE);
+        drop(gw);
+    }
+
+    #[tokio::test]
+    async fn frames_over_the_message_limit_are_left_to_the_pump() {
+        let iced = text(&iced());
+        let (_gw, mut up) = tokio::io::duplex(1024);
+        let mut to_browser = Vec::new();
+        let (done, left) = watch(&mut up, &mut to_browser, iced.clone(), &RULE, 100).await;
+        assert_eq!((done.iced_seen, done.msgs), (false, 0));
+        assert_eq!(left, iced);
+    }
+
     #[tokio::test]
     async fn a_frame_that_cannot_be_an_iced_ends_the_watch_untouched() {
         let mut big = Vec::new();
         frame::encode_frame(&mut big, OpCode::Text, &vec![b' '; MAX_ICED + 1], None);
         let (_gw, mut up) = tokio::io::duplex(1024);
         let mut to_browser = Vec::new();
-        let (done, left) = watch(&mut up, &mut to_browser, big.clone(), &RULE).await;
+        let (done, left) = watch(&mut up, &mut to_browser, big.clone(), &RULE, u64::MAX).await;
         assert_eq!((done.iced_seen, done.msgs), (false, 0));
         assert!(to_browser.is_empty());
         assert_eq!(left, big);

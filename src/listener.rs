@@ -236,8 +236,14 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
             Prefixed::new(&[], tcp)
         };
         let Some(acceptor) = &app.tls else {
+            // Behind a balancer that terminates TLS and passes the stream on, TURN arrives plain.
             let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None }, started, permit);
-            return serve_http(&app, io, conn, deadline, started).await;
+            let mut io = io;
+            let first = if current.config.turn.enabled { sniff(&mut io, deadline).await } else { Vec::new() };
+            if crate::turn::is_stun(&first) {
+                return crate::turn::serve(&app, io, first, conn, started).await;
+            }
+            return serve_http(&app, Prefixed::new(&first, io), conn, deadline, started).await;
         };
         let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
             Ok(Ok(tls)) => tls,
@@ -270,7 +276,7 @@ async fn sniff<S: tokio::io::AsyncRead + Unpin>(io: &mut S, deadline: Instant) -
     use tokio::io::AsyncReadExt;
     let mut first = [0u8; 512];
     let mut filled = 0;
-    while filled < crate::turn::SNIFF {
+    while crate::turn::may_be_stun(&first[..filled]) {
         match tokio::time::timeout_at(deadline, io.read(&mut first[filled..])).await {
             Ok(Ok(n)) if n > 0 => filled += n,
             _ => break,

@@ -58,12 +58,19 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
         }
     };
     match connected {
-        Some(Ok((upstream, first, early))) => {
+        Some(Ok((mut upstream, mut first))) => {
+            // Not raced against shutdown: bounded on its own, and cut short it could leave half
+            // a frame in the browser's stream.
+            let route = current.router.route(request.route);
+            let watched = rewrite_ice(&current, route, &mut client, &mut upstream, &mut first, pending.record_mut()).await;
             let session = pending.open(true, Some(permit));
             // What passed before the pump (the hello, the gateway's answer up to its iced).
-            for (side, msgs, bytes) in early {
+            for (side, msgs, bytes) in watched.early {
                 session.counters().add(side, msgs, bytes);
                 app.metrics.count_messages(side, msgs, bytes);
+            }
+            if watched.client_stalled {
+                return stalled(session, upstream).await;
             }
             pump_until_closed(&app, client, upstream, first, session, &current).await
         }
@@ -72,12 +79,15 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
     }
 }
 
-/// Messages and bytes relayed from each side before the pump started.
-type Early = [(Side, u64, u64); 2];
+/// What passed before the pump started, and whether the browser stopped reading meanwhile.
+struct Watched {
+    /// Messages and bytes relayed from each side.
+    early: [(Side, u64, u64); 2],
+    client_stalled: bool,
+}
 
 /// Reads the first message, decides the region and connects upstream, filling the record as it
-/// learns; then, when the hello asks for ICE servers, watches the gateway's answer for them
-/// ([`ice`]). On failure, returns the outcome and why.
+/// learns. On failure, returns the outcome and why.
 async fn connect(
     app: &Arc<App>,
     client: &mut Client,
@@ -85,7 +95,7 @@ async fn connect(
     current: &Current,
     request: &RouteRequest,
     headers: ForwardHeaders,
-) -> Result<(Connected, FirstMessage, Early), (Outcome, String)> {
+) -> Result<(Connected, FirstMessage), (Outcome, String)> {
     let route = current.router.route(request.route);
     let server = &current.config.server;
     let mut timings = Timings::default();
@@ -122,13 +132,11 @@ async fn connect(
     record.upstream_ws_ms = timings.websocket.map(millis);
     record.first_message = first.kind.clone();
     match upstream {
-        Ok(mut c) => {
+        Ok(c) => {
             record.upstream_addr = Some(c.addr);
             // A connected gateway is one that answered 101.
             record.upstream_status = Some(101);
-            let mut first = first;
-            let early = rewrite_ice(app, route, client, &mut c, &mut first, record).await;
-            Ok((c, first, early))
+            Ok((c, first))
         }
         Err(e) => {
             if let UpstreamError::Rejected { status } = e {
@@ -143,32 +151,59 @@ async fn connect(
 /// When the hello asks for ICE servers (body `ice`) on a route that rewrites them and the relay
 /// has a TURN URL to give: sends the hello now and watches the gateway's answer for its `iced`,
 /// whose TURN servers then point at the relay ([`ice::watch`]). Returns what passed meanwhile.
-async fn rewrite_ice(app: &App, route: &Route, client: &mut Client, upstream: &mut Connected, first: &mut FirstMessage, record: &mut HandshakeRecord) -> Early {
-    let mut early = [(Side::Client, 0, 0), (Side::Upstream, 0, 0)];
-    let (Some(public_url), Some(hello_len)) = (app.turn_public_url.as_deref(), first.frame_len) else { return early };
-    if !route.rewrite_ice || first.kind.as_deref() != Some("ice") {
-        return early;
+async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upstream: &mut Connected, first: &mut FirstMessage, record: &mut HandshakeRecord) -> Watched {
+    let mut watched = Watched { early: [(Side::Client, 0, 0), (Side::Upstream, 0, 0)], client_stalled: false };
+    let (Some(public_url), Some(hello_len)) = (current.turn_public_url.as_deref(), first.frame_len) else { return watched };
+    // A hello over max_message_size is the pump's to refuse (1009).
+    let max = current.config.server.max_message_size;
+    if !route.rewrite_ice || first.kind.as_deref() != Some("ice") || hello_len as u64 > max {
+        return watched;
     }
     let sent = async {
         upstream.io.write_all(&first.bytes[..hello_len]).await?;
         upstream.io.flush().await
     };
-    // A failed write is the pump's to find, with everything else.
-    if sent.await.is_err() {
-        return early;
+    // A failed write is the pump's to find, with everything else; one that does not finish
+    // is a gateway that stopped reading, which the pump's pings find.
+    if !matches!(tokio::time::timeout(HELLO_WRITE, sent).await, Ok(Ok(()))) {
+        return watched;
     }
     first.bytes.drain(..hello_len);
-    early[0] = (Side::Client, 1, hello_len as u64);
-    let rule = ice::Rule { upstream_host: &app.current().config.turn.upstream.host, public_url };
-    let (done, rest) = ice::watch(&mut upstream.io, client, std::mem::take(&mut upstream.leftover), &rule).await;
+    watched.early[0] = (Side::Client, 1, hello_len as u64);
+    let rule = ice::Rule { upstream_host: &current.config.turn.upstream.host, public_url };
+    let (done, rest) = ice::watch(&mut upstream.io, client, std::mem::take(&mut upstream.leftover), &rule, max).await;
     upstream.leftover = rest;
-    early[1] = (Side::Upstream, done.msgs, done.bytes);
+    watched.early[1] = (Side::Upstream, done.msgs, done.bytes);
+    watched.client_stalled = done.client_stalled;
     record.ice_rewritten = Some(done.servers_rewritten > 0);
     record.ice_servers_rewritten = Some(done.servers_rewritten);
     if !done.iced_seen {
         tracing::debug!("the gateway's answer to an ice hello held no iced within the watch");
     }
-    early
+    watched
+}
+
+/// How long writing the hello to a connected gateway may take.
+const HELLO_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Ends a connection whose browser stopped reading before the pump started: its stream may
+/// hold part of a frame, so it is dropped, and the gateway gets a 1001.
+async fn stalled(session: OpenSession, mut upstream: Connected) {
+    let reason = format!("client_silent conn={}", session.conn_id());
+    let close = crate::frame::close_frame(1001, &reason, Some(rand::random()));
+    let _ = tokio::time::timeout(HELLO_WRITE, async {
+        upstream.io.write_all(&close).await?;
+        upstream.io.shutdown().await
+    })
+    .await;
+    let ending = crate::outcome::Ending::Silent(Side::Client);
+    session.finish(Closing {
+        outcome: ending.outcome(),
+        closed_by: ending.closed_by(),
+        close_code: Some(1001),
+        close_reason: Some(reason),
+        error: Some("the browser did not read the gateway's first answer".into()),
+    });
 }
 
 /// Records where the connection goes and what its token said.

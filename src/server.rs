@@ -118,6 +118,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), current.config.admin.clone(), token, background.clone())));
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
+    if current.config.turn.enabled {
+        let told = current.turn_public_url.as_deref().unwrap_or("(nothing: ICE servers pass unchanged)");
+        tracing::info!(upstream = %current.config.turn.upstream.url, browsers_told = told, "TURN over TLS relayed on the main listener");
+    }
     let threads = current.config.server.threads;
     let mut accepting = match Acceptors::start(listener, app.clone(), threads).await {
         Ok(a) => a,

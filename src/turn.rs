@@ -20,8 +20,8 @@ use crate::upstream::Timings;
 
 /// The route name TURN connections' records carry.
 pub const ROUTE: &str = "turn";
-/// Bytes a connection's start must have to tell a STUN message from anything else.
-pub const SNIFF: usize = 8;
+/// A STUN message header's length: what a connection's start must have to be taken for TURN.
+pub const SNIFF: usize = 20;
 /// STUN's magic cookie (RFC 5389 §6), bytes 4–7 of every STUN message.
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 /// Bytes each direction reads at a time: a TLS record's worth of media at most.
@@ -31,10 +31,24 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long the relay's own TLS close may take to write.
 const FINAL_WRITE: Duration = Duration::from_secs(1);
 
-/// Whether a connection's first bytes are a STUN message (an HTTP request never starts so: its
-/// method's first byte has bit 6 set).
+/// Whether a connection's first bytes could still be a STUN message, so more are worth reading
+/// (an HTTP request never starts so: its method's first byte has bit 6 set).
+pub fn may_be_stun(first: &[u8]) -> bool {
+    first.first().is_none_or(|b| b & 0xC0 == 0) && first.len() < SNIFF
+}
+
+/// Whether a connection's first bytes are a STUN request or indication header (RFC 5389 §6:
+/// the top two bits 0, the magic cookie, a length in whole 4-byte words), as a TURN client's
+/// first message is. Anything less costs no connection to the upstream.
 pub fn is_stun(first: &[u8]) -> bool {
-    first.len() >= SNIFF && first[0] & 0xC0 == 0 && first[4..8] == MAGIC_COOKIE
+    if first.len() < SNIFF || first[0] & 0xC0 != 0 || first[4..8] != MAGIC_COOKIE {
+        return false;
+    }
+    let kind = u16::from_be_bytes([first[0], first[1]]);
+    // The class bits C1 (0x0100) and C0 (0x0010): 0b00 request, 0b01 indication.
+    let response = kind & 0x0100 != 0;
+    let length = u16::from_be_bytes([first[2], first[3]]);
+    !response && length % 4 == 0
 }
 
 /// Relays one TURN-over-TLS connection whose `first` bytes were already read, to its end: the
@@ -89,7 +103,7 @@ where
     session.counters().bytes_up.fetch_add(first.len() as u64, Ordering::Relaxed);
     app.metrics.turn_bytes_up.inc_by(first.len() as u64);
     drop(first);
-    let (ending, error) = pipe(app, client, upstream, &session, current.config.server.idle_timeout, current.config.server.drain_jitter).await;
+    let (ending, error) = pipe(app, client, upstream, &session, turn.idle_timeout, current.config.server.drain_jitter).await;
     tracing::debug!(outcome = %ending.outcome(), "TURN relay ended");
     session.finish(Closing { outcome: ending.outcome(), closed_by: ending.closed_by(), close_code: None, close_reason: None, error });
 }
@@ -118,6 +132,12 @@ where
                 return DirEnd::Eof;
             }
             Ok(n) => n,
+            // A TLS stream cut without close_notify is how browsers end a TURN socket; STUN's
+            // own framing makes a truncated stream harmless, so it is an orderly end.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let _ = tokio::time::timeout(FINAL_WRITE, to.shutdown()).await;
+                return DirEnd::Eof;
+            }
             Err(e) => return DirEnd::ReadFailed(e),
         };
         if let Err(e) = async {
@@ -200,13 +220,25 @@ mod tests {
 
     #[test]
     fn tells_stun_from_http() {
-        // A TURN Allocate request's header: type 0x0003, length, cookie, transaction id.
-        let allocate = [0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4];
+        // A TURN Allocate request's header: type 0x0003, length 8, cookie, transaction id.
+        let allocate = [0x00, 0x03, 0x00, 0x08, 0x21, 0x12, 0xA4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
         assert!(is_stun(&allocate));
-        assert!(!is_stun(b"GET /signaling HTTP/1.1\r\n"));
-        assert!(!is_stun(&allocate[..7]), "too short to tell");
-        let mut bad = allocate;
-        bad[0] = 0x80;
-        assert!(!is_stun(&bad));
+        assert!(!is_stun(b"GET /signaling HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!is_stun(&allocate[..19]), "too short to tell");
+        let with = |i: usize, b: u8| {
+            let mut m = allocate;
+            m[i] = b;
+            m
+        };
+        assert!(!is_stun(&with(0, 0x80)), "top bits set");
+        assert!(!is_stun(&with(0, 0x01)), "a success response (class 0b10)");
+        assert!(!is_stun(&with(3, 0x07)), "a length not in whole words");
+        assert!(!is_stun(&with(5, 0x00)), "no magic cookie");
+        assert!(is_stun(&with(1, 0x16)), "a Send indication");
+        // When to stop reading: at once for HTTP, after a header's worth for STUN.
+        assert!(may_be_stun(b""));
+        assert!(!may_be_stun(b"G"));
+        assert!(may_be_stun(&allocate[..8]));
+        assert!(!may_be_stun(&allocate));
     }
 }

@@ -280,3 +280,82 @@ async fn diagnose_probes_the_turn_upstream_up_to_a_stun_answer() {
     assert_eq!(p.outcome, "upstream_protocol_error");
     assert!(p.error.as_deref().unwrap().contains("not a Binding response"), "{p:?}");
 }
+
+#[tokio::test]
+async fn a_tls_cut_is_an_orderly_end_a_silent_session_times_out_and_only_a_stun_header_is_turn() {
+    let pki = Pki::new();
+    let upstream = fake_turn(&pki, &[TURN_HOST], None).await;
+    let mut relay = Relay::start(&pki, "", "", &format!("{}[turn]\nidle_timeout = \"300ms\"\n", turn_config(upstream))).await;
+
+    // Browsers end a TURN socket without a TLS close_notify: that is not the client vanishing.
+    let mut tls = relay.tls(&pki).await;
+    tls.write_all(&stun_message(6)).await.unwrap();
+    let mut echo = vec![0u8; 28];
+    tls.read_exact(&mut echo).await.unwrap();
+    let (tcp, _) = tls.into_inner();
+    tcp.into_std().unwrap().shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(relay.record("handshake").await["outcome"], "ok");
+    let c = relay.record("close").await;
+    assert_eq!((c["outcome"].as_str(), c["closed_by"].as_str(), c["error"].as_str()), (Some("client_closed"), Some("client"), None), "{c}");
+
+    // One that goes quiet is closed once nothing has passed for [turn] idle_timeout.
+    let mut tls = relay.tls(&pki).await;
+    tls.write_all(&stun_message(7)).await.unwrap();
+    tls.read_exact(&mut echo).await.unwrap();
+    let quiet = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut rest)).await;
+    assert!(quiet.elapsed() >= Duration::from_millis(300));
+    relay.record("handshake").await;
+    let c = relay.record("close").await;
+    assert_eq!((c["outcome"].as_str(), c["closed_by"].as_str()), (Some("idle_timeout"), Some("relay")), "{c}");
+
+    // The cookie alone, or a STUN response, is not a TURN client: no upstream connection for it.
+    for not_turn in [&stun_message(8)[..8], &[&[0x01, 0x01][..], &stun_message(8)[2..]].concat()[..]] {
+        let mut tls = relay.tls(&pki).await;
+        tls.write_all(not_turn).await.unwrap();
+        tls.shutdown().await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+        let r = relay.record("handshake").await;
+        assert_ne!(r["route"], "turn", "{r}");
+    }
+    released(&relay).await;
+}
+
+#[tokio::test]
+async fn without_tls_turn_arrives_plain_and_browsers_are_told_nothing_unless_configured() {
+    let pki = Pki::new();
+    let upstream = fake_turn(&pki, &[TURN_HOST], None).await;
+    let mut relay = Relay::start(&pki, "tls = false", "", &turn_config(upstream)).await;
+    assert_eq!(relay.app.current().turn_public_url, None, "the certificate does not name what browsers use");
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let first = stun_message(9);
+    tcp.write_all(&first).await.unwrap();
+    let mut back = vec![0u8; first.len()];
+    tcp.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, first);
+    drop(tcp);
+    let r = relay.record("handshake").await;
+    assert_eq!((r["route"].as_str(), r["outcome"].as_str()), (Some("turn"), Some("ok")), "{r}");
+    relay.record("close").await;
+
+    let url = "turns:relay.example.com:443?transport=tcp";
+    let relay = Relay::start(&pki, "tls = false", "", &format!("{}[turn]\npublic_url = \"{url}\"\n", turn_config(upstream))).await;
+    assert_eq!(relay.app.current().turn_public_url.as_deref(), Some(url));
+}
+
+#[tokio::test]
+async fn a_reload_changes_turn_both_halves_together() {
+    let pki = Pki::new();
+    let upstream = fake_turn(&pki, &[TURN_HOST], None).await;
+    let relay = Relay::start(&pki, "", "", &turn_config(upstream)).await;
+    assert_eq!(relay.app.current().turn_public_url.as_deref(), Some("turns:localhost:443?transport=tcp"));
+    let off = Relay::config(&pki, "", "", "", &format!("{}[turn]\nenabled = false\n", turn_config(upstream)));
+    relay.app.reload(off).unwrap();
+    assert_eq!(relay.app.current().turn_public_url, None, "no iced points at a TURN the relay no longer serves");
+    assert!(turn_attempt(&relay, &pki).await.starts_with(b"HTTP/1.1 400"));
+    let moved = Relay::config(&pki, "", "", "", &format!("{}[turn]\npublic_url = \"turns:media.example.com:5349?transport=tcp\"\n", turn_config(upstream)));
+    relay.app.reload(moved).unwrap();
+    assert_eq!(relay.app.current().turn_public_url.as_deref(), Some("turns:media.example.com:5349?transport=tcp"));
+}

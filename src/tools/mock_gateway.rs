@@ -80,6 +80,22 @@ pub fn main(args: Args) -> ExitCode {
     super::exit("mock-gateway", run(args).map(|()| true))
 }
 
+/// Writes a private key readable by its owner only.
+fn write_private(path: &std::path::Path, pem: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    // `mode` applies only to a new file; an old one keeps its bits unless told.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    file.write_all(pem.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter("warn").init();
     let (certs, key) = match (&args.cert, &args.key) {
@@ -97,6 +113,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             };
             std::fs::write(&ca_path, &ca.cert_pem).with_context(|| format!("writing {}", ca_path.display()))?;
             eprintln!("mock-gateway: wrote its CA to {}; set [upstream] ca_file to it", ca_path.display());
+            // The same certificate, for a TURN server (coturn) standing in for global.turn.twilio.com.
+            let dir = ca_path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let (cert_out, key_out) = (dir.join("mock-gateway.pem"), dir.join("mock-gateway-key.pem"));
+            std::fs::write(&cert_out, &leaf.cert_pem).with_context(|| format!("writing {}", cert_out.display()))?;
+            write_private(&key_out, &leaf.key_pem)?;
+            eprintln!(
+                "mock-gateway: wrote its certificate (for the Twilio host names) to {} and {}",
+                cert_out.display(),
+                key_out.display()
+            );
             use rustls_pki_types::pem::PemObject;
             let certs = rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
             let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())?;
