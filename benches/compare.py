@@ -70,7 +70,7 @@ def make_pki(d):
     run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem", "-days", "2", "-subj", "/CN=bench CA")
     with open(f"{d}/ext.cnf", "w") as f:
-        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:au1.vss.twilio.com\n")
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1,DNS:au1.vss.twilio.com,DNS:global.turn.twilio.com\n")
     run("openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
         "-keyout", f"{d}/leaf.key", "-out", f"{d}/leaf.csr", "-subj", "/CN=localhost")
     run("openssl", "x509", "-req", "-in", f"{d}/leaf.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
@@ -221,6 +221,15 @@ def loadtest(t, ca, args, on_held=None):
     return json.loads(out), held
 
 
+def integrity(row, rep):
+    """Copies a load-test report's errors and message-integrity counts into a result row."""
+    row["errors"] = rep["errors"]
+    row["lost"] = rep.get("lost", 0)
+    row["reordered"] = rep.get("reordered", 0)
+    row["duplicated"] = rep.get("duplicated", 0)
+    return row
+
+
 def scenario(name, t, ca, cfg):
     pids = t.pids()
     base_rss = rss_kib(pids)
@@ -247,11 +256,7 @@ def scenario(name, t, ca, cfg):
         row["p99_us"] = rep["latency"]["p99_us"]
         if pids and rep["received"]:
             row["cpu_us_per_echo"] = (cpu_seconds(pids) - c0) * 1e6 / rep["received"]
-    row["errors"] = rep["errors"]
-    row["lost"] = rep.get("lost", 0)
-    row["reordered"] = rep.get("reordered", 0)
-    row["duplicated"] = rep.get("duplicated", 0)
-    return row
+    return integrity(row, rep)
 
 
 FIGURES = [
