@@ -67,21 +67,7 @@ pub async fn probe_all(config: &Config, connector: &Connector, route: Option<&st
                     }
                     Err(e) => (false, e.outcome().to_string(), Some(e.to_string()), Some(e.public())),
                 };
-                let probe = Probe {
-                    route: name,
-                    region: code,
-                    url: target.url.clone(),
-                    ok,
-                    outcome,
-                    error,
-                    public_error,
-                    dns_ms: t.dns.map(millis),
-                    proxy_ms: t.proxy.map(millis),
-                    connect_ms: t.connect.map(millis),
-                    tls_ms: t.tls.map(millis),
-                    websocket_ms: t.websocket.map(millis),
-                    stun_ms: None,
-                };
+                let probe = Probe::new(name, code, target.url.clone(), (ok, outcome, error, public_error), &t);
                 (at, probe)
             });
         }
@@ -139,20 +125,29 @@ pub async fn probe_turn(config: &Config, connector: &Connector) -> Probe {
         None => (true, "ok".to_string(), None, None),
         Some((outcome, error, public)) => (false, outcome, Some(error), Some(public)),
     };
-    Probe {
-        route: crate::turn::ROUTE.into(),
-        region: "-".into(),
-        url: target.url.clone(),
-        ok,
-        outcome,
-        error,
-        public_error,
-        dns_ms: t.dns.map(millis),
-        proxy_ms: t.proxy.map(millis),
-        connect_ms: t.connect.map(millis),
-        tls_ms: t.tls.map(millis),
-        websocket_ms: None,
-        stun_ms,
+    Probe { stun_ms, ..Probe::new(crate::turn::ROUTE.into(), "-".into(), target.url.clone(), (ok, outcome, error, public_error), &t) }
+}
+
+impl Probe {
+    /// A probe's result from its outcome (`ok`, outcome word, error, the error fit for the
+    /// public page) and the phases `t` timed.
+    fn new(route: String, region: String, url: String, result: (bool, String, Option<String>, Option<String>), t: &Timings) -> Probe {
+        let (ok, outcome, error, public_error) = result;
+        Probe {
+            route,
+            region,
+            url,
+            ok,
+            outcome,
+            error,
+            public_error,
+            dns_ms: t.dns.map(millis),
+            proxy_ms: t.proxy.map(millis),
+            connect_ms: t.connect.map(millis),
+            tls_ms: t.tls.map(millis),
+            websocket_ms: t.websocket.map(millis),
+            stun_ms: None,
+        }
     }
 }
 
