@@ -5,23 +5,15 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 use sigrelay::tools::mock_gateway::{token_sha256, Mode};
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
 
 /// One page running `Video.connect` through the relay (tests/browser/connect.mjs).
-struct Page {
-    child: Child,
-    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    stderr: tokio::task::JoinHandle<String>,
-}
+struct Page(Script);
 
 impl Page {
     async fn open(relay: &Relay, token: &str, signaling: &str, screenshot: Option<&Path>) -> Page {
@@ -37,48 +29,19 @@ impl Page {
             "insights": "/v1/VideoEvents",
             "screenshot": screenshot,
         });
-        let mut child = Command::new("node")
-            .arg(Path::new(REPO).join("tests/browser/connect.mjs"))
-            .arg(spec.to_string())
-            .env("CHROMIUM", chromium())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("node runs");
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
-        let stderr = tokio::spawn(async move {
-            let mut all = String::new();
-            while let Ok(Some(l)) = err.next_line().await {
-                all += &l;
-                all.push('\n');
-            }
-            all
-        });
-        Page { child, lines, stderr }
+        Page(Script::start("connect.mjs", &spec))
     }
 
     /// The next JSON event the page script prints.
     async fn event(&mut self) -> Value {
-        match tokio::time::timeout(Duration::from_secs(60), self.lines.next_line()).await {
-            Ok(Ok(Some(line))) => serde_json::from_str(&line).unwrap(),
-            other => {
-                let _ = self.child.start_kill();
-                let stderr = (&mut self.stderr).await.unwrap_or_default();
-                panic!("page script ended without an event ({other:?}); its stderr:\n{stderr}");
-            }
-        }
+        self.0.event().await
     }
 
-    async fn disconnect(&mut self) {
-        let stdin = self.child.stdin.as_mut().unwrap();
-        stdin.write_all(b"disconnect\n").await.unwrap();
-        stdin.flush().await.unwrap();
-        assert_eq!(self.event().await["event"], "disconnected");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.unwrap().unwrap();
-        assert!(status.success());
+    async fn disconnect(self) {
+        let mut script = self.0;
+        script.send("disconnect").await;
+        assert_eq!(script.event().await["event"], "disconnected");
+        script.finish().await;
     }
 }
 

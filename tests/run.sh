@@ -2,9 +2,12 @@
 # The whole test suite, from a fresh machine: installs what the tests need (idempotently), then
 # runs every test. `bash .ci/run` calls exactly this script.
 #
-#   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs, media.rs)
+#   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs, media.rs,
+#                          compat.rs)
+#   Debian's firefox-esr   the second engine the SDK runs in (tests/compat.rs)
 #   Debian's coturn        the stand-in for Twilio's TURN servers (tests/media.rs)
-#   npm packages           twilio-video and playwright-core, pinned in tests/browser/package-lock.json
+#   npm packages           twilio-video (several releases, as npm aliases), playwright-core and
+#                          puppeteer-core, pinned in tests/browser/package-lock.json
 #   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
 #   kubernetes-validate    validates config/kubernetes (tests/kubernetes.rs), in a venv from PyPI
 #   sslyze                 audits the listener's TLS (tests/tls_audit.rs), in a venv from PyPI
@@ -20,6 +23,7 @@ sudo=""
 
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
+command -v firefox-esr >/dev/null || apt_packages+=(firefox-esr)
 command -v turnserver >/dev/null || apt_packages+=(coturn)
 command -v node >/dev/null && command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then

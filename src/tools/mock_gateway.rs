@@ -2,10 +2,14 @@
 //! without Twilio, and for the test suite.
 //!
 //! In `twilio` mode it answers just enough of the signalling (TCMP v2) and insights protocols for
-//! the real SDK's `Video.connect(token, { tracks: [] })` to resolve. In `echo` mode it sends every
-//! message back; a text message `close <code> <reason>` makes it close with that code instead,
-//! and `reset` makes it drop the connection with a TCP reset (for fault tests). For every connection it emits a JSON `connection` event (host, path, first message type, the
-//! token's presence, `twr` and SHA-256) and a `close` event.
+//! the real SDK's `Video.connect(token, { tracks: [] })` to resolve, and for a connected room to
+//! reconnect (a `sync` hello gets `synced`). In `echo` mode it sends every message back; a text
+//! message `close <code> <reason>` makes it close with that code instead, and `reset` makes it
+//! drop the connection with a TCP reset (for fault tests). For every
+//! connection it emits a JSON `connection` event (host, path, first message type, the hello's
+//! body type and session, the token's presence, `twr` and SHA-256) and a `close` event; in
+//! `twilio` mode a `room` event when it answers a connect (`connected`) or a reconnect's `sync`
+//! (`synced`), with the client's RSP version.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -311,6 +315,10 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
                 "peer": peer.to_string(),
                 "path": seen.path,
                 "first_type": parsed.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str),
+                // The hello's body: `ice` (a fresh connect), `sync` (a reconnect, with the
+                // session it resumes) or `connect`.
+                "body_type": parsed.as_ref().and_then(|v| v.pointer("/body/type")).and_then(Value::as_str),
+                "session": parsed.as_ref().and_then(|v| v.pointer("/body/session")).and_then(Value::as_str),
                 "token_present": tok.is_some(),
                 "twr": info.as_ref().and_then(|i| i.region.clone()),
                 "token_sha256": tok.as_ref().map(|t| hex(&Sha256::digest(t.as_bytes()))),
@@ -340,6 +348,12 @@ async fn connection(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, mod
             },
             Mode::Twilio => {
                 let (replies, start_heartbeats) = twilio_replies(parsed.as_ref(), &identity, &ice);
+                let state = replies.iter().filter_map(|r| r.pointer("/body/type").and_then(Value::as_str)).find(|t| *t == "connected" || *t == "synced");
+                if let Some(state) = state {
+                    // The client's RSP version: 2 from every 2.x SDK, 3 from the 3.0 previews.
+                    let rsp_version = parsed.as_ref().and_then(|v| v.pointer("/body/version")).cloned();
+                    events.emit(json!({"event": "room", "path": seen.path, "state": state, "rsp_version": rsp_version}));
+                }
                 if start_heartbeats && heartbeat.is_none() {
                     let period = Duration::from_millis(NEGOTIATED_TIMEOUT_MS / 2);
                     heartbeat = Some(tokio::time::interval_at(tokio::time::Instant::now() + period, period));
@@ -398,36 +412,48 @@ async fn stun_answers<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(m
 /// heartbeats start (after `welcome`).
 fn twilio_replies(msg: Option<&Value>, identity: &str, ice: &Value) -> (Vec<Value>, bool) {
     let Some(msg) = msg else { return (vec![], false) };
-    let body_type = msg.pointer("/body/type").and_then(Value::as_str);
+    let body = msg.get("body").unwrap_or(&Value::Null);
+    let body_type = body.get("type").and_then(Value::as_str);
     match msg.get("type").and_then(Value::as_str) {
         Some("hello") => {
             let mut out = vec![json!({"type": "welcome", "negotiatedTimeout": NEGOTIATED_TIMEOUT_MS})];
-            if body_type == Some("ice") {
-                out.push(json!({"type": "msg", "body": {"type": "iced", "ice_servers": ice, "version": 1}}));
+            match body_type {
+                Some("ice") => out.push(json!({"type": "msg", "body": {"type": "iced", "ice_servers": ice, "version": 1}})),
+                // A connect carried in the hello itself, and a reconnect's `sync`.
+                Some("connect") => out.push(json!({"type": "msg", "body": room_state("connected", body, identity)})),
+                Some("sync") => out.push(json!({"type": "msg", "body": room_state("synced", body, identity)})),
+                _ => {}
             }
             (out, true)
         }
-        Some("msg") if body_type == Some("connect") => {
-            let name = msg.pointer("/body/name").and_then(Value::as_str).unwrap_or("room");
-            let connected = json!({"type": "msg", "body": {
-                "type": "connected", "version": 2,
-                "session": "SE00000000000000000000000000000001",
-                "sid": "RM00000000000000000000000000000001",
-                "name": name,
-                "options": {"session_timeout": 30, "signaling_region": "au1", "media_region": "au1"},
-                "participant": {"sid": "PA00000000000000000000000000000001", "identity": identity, "revision": 1, "tracks": []},
-                "participants": [],
-                "peer_connections": [],
-                "published": {"revision": 1, "tracks": []},
-                "recording": {"is_recording": false, "revision": 1},
-                "subscribed": {"revision": 1, "tracks": []},
-            }});
-            (vec![connected], false)
-        }
+        Some("msg") if body_type == Some("connect") => (vec![json!({"type": "msg", "body": room_state("connected", body, identity)})], false),
         // Insights.
         Some("connect") => (vec![json!({"type": "connected", "session": "IS00000000000000000000000000000001"})], false),
         _ => (vec![], false),
     }
+}
+
+/// The room as the gateway describes it in `connected` and, after a reconnect, `synced`: one
+/// room with the client as its only participant. `synced` leaves out `peer_connections`, as
+/// the SDK expects (it keeps the ones it has).
+fn room_state(kind: &str, body: &Value, identity: &str) -> Value {
+    let name = body.get("name").and_then(Value::as_str).unwrap_or("room");
+    let mut state = json!({
+        "type": kind, "version": 2,
+        "session": "SE00000000000000000000000000000001",
+        "sid": "RM00000000000000000000000000000001",
+        "name": name,
+        "options": {"session_timeout": 30, "signaling_region": "au1", "media_region": "au1"},
+        "participant": {"sid": "PA00000000000000000000000000000001", "identity": identity, "revision": 1, "tracks": []},
+        "participants": [],
+        "published": {"revision": 1, "tracks": []},
+        "recording": {"is_recording": false, "revision": 1},
+        "subscribed": {"revision": 1, "tracks": []},
+    });
+    if kind == "connected" {
+        state["peer_connections"] = json!([]);
+    }
+    state
 }
 
 fn hex(bytes: &[u8]) -> String {

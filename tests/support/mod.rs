@@ -269,11 +269,16 @@ impl Relay {
         }
     }
 
-    /// Signals shutdown and waits for `serve` to return.
-    pub async fn stop(&mut self) {
+    /// Signals shutdown (the drain starts) without waiting for it to finish.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Signals shutdown and waits for `serve` to return.
+    pub async fn stop(&mut self) {
+        self.begin_stop();
         if let Some(done) = self.done.take() {
             tokio::time::timeout(Duration::from_secs(60), done).await.expect("relay stopped").unwrap();
         }
@@ -616,6 +621,70 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     tokio_tungstenite::client_async(url, stream).await.expect("websocket upgrade").0
+}
+
+/// A browser script from tests/browser that runs while the test talks to it: JSON lines from its
+/// stdout, commands on its stdin.
+pub struct Script {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+impl Script {
+    /// Starts `script` with `spec` (as JSON in its first argument).
+    pub fn start(script: &str, spec: &Value) -> Script {
+        use tokio::io::{AsyncBufReadExt, BufReader};
+        let mut child = tokio::process::Command::new("node")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser").join(script))
+            .arg(spec.to_string())
+            .env("CHROMIUM", chromium())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut err = BufReader::new(child.stderr.take().unwrap()).lines();
+        let stderr = tokio::spawn(async move {
+            let mut all = String::new();
+            while let Ok(Some(l)) = err.next_line().await {
+                all += &l;
+                all.push('\n');
+            }
+            all
+        });
+        Script { child, lines, stderr }
+    }
+
+    /// The next JSON line the script prints (within a minute); panics with its stderr if it
+    /// ends first.
+    pub async fn event(&mut self) -> Value {
+        match tokio::time::timeout(Duration::from_secs(60), self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")),
+            other => {
+                let _ = self.child.start_kill();
+                let stderr = (&mut self.stderr).await.unwrap_or_default();
+                panic!("the browser script ended without an event ({other:?}); its stderr:\n{stderr}");
+            }
+        }
+    }
+
+    /// Sends one command line.
+    pub async fn send(&mut self, command: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{command}\n").as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Waits for the script to exit, and asserts it succeeded.
+    pub async fn finish(mut self) {
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("the browser script exits").unwrap();
+        if !status.success() {
+            panic!("the browser script failed; its stderr:\n{}", self.stderr.await.unwrap_or_default());
+        }
+    }
 }
 
 /// Runs a browser script from tests/browser with `spec` (as JSON in its first argument), within
