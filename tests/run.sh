@@ -5,6 +5,8 @@
 #   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs, media.rs,
 #                          compat.rs)
 #   Debian's firefox-esr   the second engine the SDK runs in (tests/compat.rs)
+#   Debian's WebKitGTK     the third (webkit2gtk-driver's WebKitWebDriver and MiniBrowser, under
+#                          xvfb's Xvfb; tests/compat.rs)
 #   Debian's coturn        the stand-in for Twilio's TURN servers (tests/media.rs)
 #   npm packages           twilio-video (several releases, as npm aliases), playwright-core and
 #                          puppeteer-core, pinned in tests/browser/package-lock.json
@@ -24,6 +26,8 @@ sudo=""
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v firefox-esr >/dev/null || apt_packages+=(firefox-esr)
+command -v WebKitWebDriver >/dev/null || apt_packages+=(webkit2gtk-driver)
+command -v Xvfb >/dev/null || apt_packages+=(xvfb)
 command -v turnserver >/dev/null || apt_packages+=(coturn)
 command -v node >/dev/null && command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then

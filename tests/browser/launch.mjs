@@ -2,7 +2,11 @@
 // certificate, and with every host name but the test's own leading nowhere (a closed loopback
 // port), so nothing leaves the machine:
 //   Debian's Chromium, driven by playwright-core;
-//   Debian's Firefox ESR, driven by puppeteer-core over WebDriver BiDi.
+//   Debian's Firefox ESR, driven by puppeteer-core over WebDriver BiDi;
+//   Debian's WebKitGTK (its MiniBrowser, under Xvfb), driven over classic WebDriver by
+//   WebKitWebDriver, with the few commands needed written out below.
+import { spawn } from 'node:child_process';
+import net from 'node:net';
 import { chromium } from 'playwright-core';
 import puppeteer from 'puppeteer-core';
 
@@ -76,7 +80,97 @@ export async function engine(name, closed, exclude = ['localhost', '127.0.0.1'])
       close: () => browser.close(),
     };
   }
+  if (name === 'webkit') return webkit(closed, exclude);
   throw new Error(`unknown engine ${name}`);
+}
+
+const MINIBROWSER = '/usr/lib/x86_64-linux-gnu/webkit2gtk-4.1/MiniBrowser';
+
+/// WebKitGTK's MiniBrowser on its own Xvfb display, through WebKitWebDriver. A tab is the one
+/// window, navigated; closing it navigates to about:blank, which closes the page's sockets.
+async function webkit(closed, exclude) {
+  const children = [];
+  const stop = () => children.forEach((c) => c.kill());
+  try {
+    // -displayfd: Xvfb picks a free display and writes its number to fd 3.
+    const xvfb = spawn('Xvfb', ['-displayfd', '3', '-screen', '0', '1280x720x24', '-nolisten', 'tcp'], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'] });
+    children.push(xvfb);
+    const display = await new Promise((resolve, reject) => {
+      xvfb.stdio[3].once('data', (d) => resolve(`:${String(d).trim()}`));
+      xvfb.once('exit', (code) => reject(new Error(`Xvfb exited with ${code}`)));
+    });
+    const port = await freePort();
+    const driver = spawn(process.env.WEBKITWEBDRIVER || 'WebKitWebDriver', [`--port=${port}`, '--host=127.0.0.1'],
+      { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, DISPLAY: display } });
+    children.push(driver);
+    const wd = webdriver(`http://127.0.0.1:${port}`);
+    const session = await retry(() => wd('POST', '/session', { capabilities: { alwaysMatch: {
+      acceptInsecureCerts: true,
+      timeouts: { script: 60000 },
+      proxy: { proxyType: 'manual', httpProxy: closed, sslProxy: closed, noProxy: exclude },
+      'webkitgtk:browserOptions': { binary: process.env.MINIBROWSER || MINIBROWSER, args: ['--automation'] },
+    } } }));
+    const at = `/session/${session.sessionId}`;
+    return {
+      version: `${session.capabilities.browserName}/${session.capabilities.browserVersion}`,
+      async tab() {
+        return {
+          goto: (url) => wd('POST', `${at}/url`, { url }),
+          async evaluate(fn, arg) {
+            const script = `const done = arguments[1];
+              Promise.resolve((${fn})(arguments[0])).then(done, (e) => done({ evaluateError: String(e && e.stack || e) }));`;
+            const out = await wd('POST', `${at}/execute/async`, { script, args: [arg ?? null] });
+            if (out && out.evaluateError) throw new Error(out.evaluateError);
+            return out;
+          },
+          // Classic WebDriver has no console events.
+          log() {},
+          close: () => wd('POST', `${at}/url`, { url: 'about:blank' }),
+        };
+      },
+      async close() {
+        await wd('DELETE', at).catch(() => {});
+        stop();
+      },
+    };
+  } catch (e) {
+    stop();
+    throw e;
+  }
+}
+
+/// A classic WebDriver client: `wd(method, path, body)` returns the answer's `value`.
+function webdriver(base) {
+  return async (method, path, body) => {
+    const res = await fetch(base + path, { method, headers: { 'content-type': 'application/json' }, body: body && JSON.stringify(body) });
+    const answer = await res.json();
+    if (!res.ok) throw new Error(`WebDriver ${method} ${path}: ${JSON.stringify(answer.value)}`);
+    return answer.value;
+  };
+}
+
+/// A loopback port nobody listens on (for WebKitWebDriver, which cannot be given port 0).
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/// `f()` until it stops failing, for up to 10 s (WebKitWebDriver takes a moment to listen).
+async function retry(f) {
+  for (let i = 0; ; i++) {
+    try {
+      return await f();
+    } catch (e) {
+      if (i >= 100 || !(e.cause && e.cause.code === 'ECONNREFUSED')) throw e;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
 }
 
 function wrap(page, describe) {

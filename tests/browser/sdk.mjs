@@ -7,7 +7,8 @@
 //           packages: ["twilio-video-2.5", "twilio-video", ...] }  (names in package.json)
 // For each package, in its own tab: `Video.connect` with `tracks: []`, then prints
 //   {"event":"connected","package":…,"sdk":<Video.version>,"roomSid":…,"identity":…}
-// (or {"event":"failed",…}) and waits for a command on stdin:
+// (or {"event":"failed","code":…,"webrtc":<whether the engine has RTCPeerConnection>}, and then
+// on to the next) and waits for a command on stdin:
 //   next          room.disconnect(); prints {"event":"disconnected",…} and goes on to the next
 //   reconnected?  waits up to 30 s for the room's `reconnected`; prints {"event":"reconnected",
 //                 "roomSid":…,"reconnecting_ms":…} (from `reconnecting` to `reconnected`) or
@@ -76,7 +77,10 @@ try {
         room.on('reconnected', () => { times.reconnected = performance.now(); });
         return { event: 'connected', sdk: Twilio.Video.version, roomSid: room.sid, identity: room.localParticipant.identity };
       } catch (e) {
-        return { event: 'failed', sdk: Twilio.Video.version, code: e.code, message: String(e.message) };
+        return {
+          event: 'failed', sdk: Twilio.Video.version, code: e.code, message: String(e.message),
+          webrtc: typeof RTCPeerConnection === 'function',
+        };
       }
     }, spec);
     say({ package: pkg, ...result });
