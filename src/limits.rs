@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use dashmap::DashMap;
+use prometheus_client::metrics::gauge::Gauge;
 
 use crate::config::Limits;
 use crate::outcome::Outcome;
@@ -50,7 +51,7 @@ pub fn key(ip: IpAddr, ipv6_prefix: u8) -> IpAddr {
 /// and a 1013 close); beyond this many over it, they are closed as soon as they are accepted.
 pub const OVERSHOOT: usize = 32;
 
-/// One connection's place under the limits, released when dropped.
+/// One connection's place under the limits and on its accept thread, released when dropped.
 #[must_use = "the connection is uncounted when the permit is dropped"]
 #[derive(Debug)]
 pub struct Permit {
@@ -58,9 +59,19 @@ pub struct Permit {
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// The key the connection is counted under, if it is counted per address.
     counted: Option<IpAddr>,
+    /// The count of connections its thread serves (`sigrelay_thread_connections`).
+    thread: Option<Gauge>,
 }
 
 impl Permit {
+    /// Counts the connection in `thread` for as long as the permit lives.
+    pub fn count_on(&mut self, thread: Gauge) {
+        thread.inc();
+        if let Some(old) = self.thread.replace(thread) {
+            old.dec();
+        }
+    }
+
     fn uncount_address(&mut self) {
         if let Some(ip) = self.counted.take() {
             if let dashmap::mapref::entry::Entry::Occupied(mut e) = self.per_ip.entry(ip) {
@@ -77,6 +88,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.total.fetch_sub(1, Ordering::Relaxed);
         self.uncount_address();
+        if let Some(thread) = &self.thread {
+            thread.dec();
+        }
     }
 }
 
@@ -113,7 +127,7 @@ impl Limiter {
     /// refused here, with the limit it is over.
     pub fn connection(&self, ip: IpAddr, by_address: bool) -> Result<Permit, Outcome> {
         let limits = self.limits();
-        let mut permit = Permit { total: self.total.clone(), per_ip: self.per_ip.clone(), counted: None };
+        let mut permit = Permit { total: self.total.clone(), per_ip: self.per_ip.clone(), counted: None, thread: None };
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         if total > limits.max_connections.unwrap_or(self.derived_max) + OVERSHOOT {
             return Err(Outcome::OverMaxConnections);

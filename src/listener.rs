@@ -7,14 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
+use prometheus_client::metrics::gauge::Gauge;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::metrics::{Metrics, ThreadLabel};
 use crate::outcome::Outcome;
 use crate::prefixed::Prefixed;
 use crate::records::millis;
@@ -60,11 +62,13 @@ impl Acceptors {
     /// Starts the loops; they stop accepting when shutdown's drain stage starts.
     pub async fn start(listener: TcpListener, app: Arc<App>, threads: usize) -> std::io::Result<Acceptors> {
         let stop = StopOnDrop(app.clone());
+        let (placement, mut inboxes) = Placement::new(threads.max(1), &app.metrics);
         let mut extra = Vec::new();
-        for i in 1..threads.max(1) {
-            extra.push(ExtraThread::start(&listener, &app, i).await?);
+        for (i, inbox) in inboxes.drain(1..).enumerate() {
+            extra.push(ExtraThread::start(&listener, &app, i + 1, placement.clone(), inbox).await?);
         }
-        let main = app.tracker.spawn(accept_loop(listener, app.clone()));
+        let inbox = inboxes.pop().expect("one inbox per thread");
+        let main = app.tracker.spawn(accept_loop(listener, app.clone(), Thread { index: 0, placement, inbox }));
         Ok(Acceptors { main, extra, _stop: stop })
     }
 
@@ -91,7 +95,7 @@ impl Acceptors {
 impl ExtraThread {
     /// Starts extra thread `i`, accepting from a duplicate of `listener`'s socket. Its runtime is
     /// built on the thread itself, which reports whether it came up.
-    async fn start(listener: &TcpListener, app: &Arc<App>, i: usize) -> std::io::Result<ExtraThread> {
+    async fn start(listener: &TcpListener, app: &Arc<App>, i: usize, placement: Arc<Placement>, inbox: Inbox) -> std::io::Result<ExtraThread> {
         let socket = socket2::SockRef::from(listener);
         let shared = if socket.reuse_port().unwrap_or(false) {
             // A socket of its own on the same port: the kernel spreads new connections evenly
@@ -115,7 +119,7 @@ impl ExtraThread {
                     Err(e) => return drop(started_tx.send(Err(e))),
                 };
                 let _ = started_tx.send(Ok(()));
-                accept_loop(listener, app.clone()).await;
+                accept_loop(listener, app.clone(), Thread { index: i, placement, inbox }).await;
                 let _ = stopped_tx.send(());
                 // This thread's connections run to their end: the tracker empties once shutdown
                 // has closed it and every connection, on any thread, is gone. Past the forced
@@ -159,17 +163,109 @@ fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Accepts until shutdown starts. One failed `accept()` never ends the loop; when descriptors
-/// run out it backs off briefly instead of spinning.
-pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
+/// A connection accepted on one thread and handed to another.
+type Handoff = (std::net::TcpStream, SocketAddr);
+/// A thread's queue of connections handed to it.
+type Inbox = mpsc::Receiver<Handoff>;
+
+/// Connections handed over but not yet taken, per thread: a handoff to a full inbox is served
+/// where it was accepted instead.
+const INBOX: usize = 256;
+
+/// Which thread serves a new connection: the one that accepted it, unless it holds more than
+/// another thread does. The kernel's `SO_REUSEPORT` hash spreads connections over the threads'
+/// sockets at random, and a connection stays where it lands, so 100 long-lived connections can
+/// land 60 to 40; under overload the busier thread's connections then queue while the other
+/// thread has CPU to spare. Handing a connection over costs moving its socket to the other
+/// thread's reactor once.
+pub(crate) struct Placement {
+    /// Connections each thread is serving now (`sigrelay_thread_connections`).
+    held: Box<[Gauge]>,
+    inboxes: Box<[mpsc::Sender<Handoff>]>,
+}
+
+/// One accept loop's place among the threads.
+pub(crate) struct Thread {
+    index: usize,
+    placement: Arc<Placement>,
+    inbox: Inbox,
+}
+
+impl Placement {
+    fn new(threads: usize, metrics: &Metrics) -> (Arc<Placement>, Vec<Inbox>) {
+        let (senders, inboxes): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel(INBOX)).unzip();
+        let held = (0..threads).map(|i| metrics.thread_connections.get_or_create(&ThreadLabel { thread: i.to_string() }).clone()).collect();
+        (Arc::new(Placement { held, inboxes: senders.into() }), inboxes)
+    }
+
+    /// The thread that should serve a connection `me` accepted: `me`, unless another holds at
+    /// least two fewer. The threads stay within two of even, and a connection arriving at a
+    /// thread one ahead stays put: half the handoffs of keeping them within one.
+    fn pick(&self, me: usize) -> usize {
+        let load = |i: usize| self.held[i].get();
+        let (least, fewest) = (0..self.held.len()).map(|i| (i, load(i))).min_by_key(|&(_, n)| n).unwrap_or((me, 0));
+        if load(me) >= fewest + 2 { least } else { me }
+    }
+}
+
+impl Thread {
+    /// Serves `tcp` here, or hands it to a thread holding fewer connections.
+    fn place(&self, app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) {
+        let target = self.placement.pick(self.index);
+        let tcp = match target == self.index {
+            true => tcp,
+            false => match tcp.into_std() {
+                Ok(std) => match self.placement.inboxes[target].try_send((std, addr)) {
+                    Ok(()) => return,
+                    // Full, or that thread has stopped: serve it here after all.
+                    Err(e) => match TcpStream::from_std(e.into_inner().0) {
+                        Ok(tcp) => tcp,
+                        Err(e) => return tracing::warn!(error = %e, "cannot take back a connection"),
+                    },
+                },
+                Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
+            },
+        };
+        self.serve(app, tcp, addr);
+    }
+
+    fn serve(&self, app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) {
+        let held = self.placement.held[self.index].clone();
+        app.tracker.spawn(serve_connection(app.clone(), tcp, addr, held));
+    }
+
+    /// Serves a connection another thread handed over.
+    fn take(&self, app: &Arc<App>, (std, addr): Handoff) {
+        match TcpStream::from_std(std) {
+            Ok(tcp) => self.serve(app, tcp, addr),
+            Err(e) => tracing::warn!(error = %e, "cannot take a handed-over connection"),
+        }
+    }
+}
+
+/// Accepts until shutdown starts, and serves what other threads hand over. One failed `accept()`
+/// never ends the loop; when descriptors run out it backs off briefly instead of spinning.
+pub(crate) async fn accept_loop(listener: TcpListener, app: Arc<App>, mut thread: Thread) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = app.shutdown.drain.cancelled() => return,
+            Some(handed) = thread.inbox.recv() => {
+                thread.take(&app, handed);
+                continue;
+            }
+            _ = app.shutdown.drain.cancelled() => {
+                // What was handed over is served (and drained) like the rest; later handoffs
+                // fail and stay where they were accepted.
+                thread.inbox.close();
+                while let Ok(handed) = thread.inbox.try_recv() {
+                    thread.take(&app, handed);
+                }
+                return;
+            }
         };
         match accepted {
             Ok((tcp, addr)) => {
-                app.tracker.spawn(serve_connection(app.clone(), tcp, addr));
+                thread.place(&app, tcp, addr);
                 // One connection per turn, as nginx's default (`multi_accept off`): this thread
                 // starts the handshake it just took before taking another, so a burst waiting in
                 // the backlog spreads over the threads instead of landing on whichever woke first.
@@ -188,9 +284,10 @@ pub async fn accept_loop(listener: TcpListener, app: Arc<App>) {
 }
 
 /// Serves one TCP connection: the PROXY header if configured, TLS (unless off), then HTTP
-/// requests until the connection upgrades or closes. Everything before the upgrade, together,
+/// requests until the connection upgrades or closes; `thread` counts it, through its permit,
+/// until it ends. Everything before the upgrade, together,
 /// is bounded by `handshake_timeout`, and the connection counts against the limits from here.
-async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
+async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, thread: Gauge) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("conn", client = %peer, sni = Empty);
     let started = Instant::now();
@@ -214,6 +311,7 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr) {
                 return early_failure(peer, outcome, why);
             }
         };
+        permit.count_on(thread);
         let mut client_addr = peer;
         let io = if app.proxy_protocol {
             if !trusted(&peer.ip(), &server.proxy_protocol_from) {

@@ -32,6 +32,11 @@ pub struct DirectionLabel {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabel {
+    pub thread: String,
+}
+
 fn seconds_histogram() -> Histogram {
     // 0.5 ms to ~16 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
@@ -52,6 +57,8 @@ pub struct Metrics {
     /// TURN-over-TLS bytes relayed, by direction (up: browser to TURN server).
     pub turn_bytes_up: Counter,
     pub turn_bytes_down: Counter,
+    /// Connections each accept thread is serving, by thread index.
+    pub thread_connections: Family<ThreadLabel, Gauge>,
     /// `messages{direction="up"}` and the like, resolved once so the pump adds without a lookup.
     pub msgs_up: Counter,
     pub msgs_down: Counter,
@@ -88,6 +95,12 @@ impl Metrics {
             "Records of connections that failed before a request, not written because their address was over its handshake rate (still counted in handshakes)",
             records_suppressed.clone(),
         );
+        let thread_connections = Family::<ThreadLabel, Gauge>::default();
+        registry.register(
+            "thread_connections",
+            "Connections each accept thread is serving (new ones go to the least-loaded thread)",
+            thread_connections.clone(),
+        );
         let dir = |d| DirectionLabel { direction: d };
         let msgs_up = messages.get_or_create(&dir("up")).clone();
         let msgs_down = messages.get_or_create(&dir("down")).clone();
@@ -109,6 +122,7 @@ impl Metrics {
             records_suppressed,
             turn_bytes_up,
             turn_bytes_down,
+            thread_connections,
         }
     }
 
