@@ -95,7 +95,7 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>, 
     }
     Ok(match (method, path) {
         (&Method::GET, "/metrics") => {
-            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics.encode())
+            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics_text())
         }
         (&Method::GET, "/connections") => {
             let body = serde_json::to_vec(&app.registry.list()).expect("JSON values serialize");

@@ -173,7 +173,10 @@ async fn background_chores(app: Arc<App>, stop: CancellationToken) {
         // File reads and key parsing stay off this thread, which also serves connections.
         let (certs, current) = (app.certs.clone(), app.current());
         match tokio::task::spawn_blocking(move || certs.reload(&current.config)).await.expect("the reload check does not panic") {
-            Ok(true) => tracing::info!("certificate files changed; new handshakes use the new certificates"),
+            Ok(true) => {
+                app.metrics.set_certificates(&app.certs.expiry());
+                tracing::info!("certificate files changed; new handshakes use the new certificates")
+            }
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; keeping the ones in service"),
         }
