@@ -83,10 +83,12 @@ pub async fn run(
             while let Some(config) = reloads.recv().await {
                 // File reads and key parsing stay off this thread, which also serves connections.
                 let app = app.clone();
+                crate::systemd::reloading();
                 match tokio::task::spawn_blocking(move || app.reload(config)).await.expect("reload does not panic") {
                     Ok(()) => tracing::info!("configuration reloaded"),
                     Err(e) => tracing::error!("reload rejected, running configuration kept: {e}"),
                 }
+                crate::systemd::ready("configuration reloaded");
             }
         })
     };
@@ -131,6 +133,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         }
     };
     app.set_accepting();
+    crate::systemd::ready(&format!("accepting on {threads} thread(s)"));
     shutdown.await;
     drain(&app, &mut accepting).await;
     accepting.join().await;
@@ -144,6 +147,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
 /// The shutdown sequence; returns when every connection task has ended (or the grace ran out).
 async fn drain(app: &App, accepting: &mut Acceptors) {
     app.shutdown.drain.cancel();
+    crate::systemd::stopping("draining");
     accepting.stopped().await;
     app.tracker.close();
     let drain_timeout = app.current().config.server.drain_timeout;
