@@ -243,3 +243,52 @@ impl Metrics {
         }
     }
 }
+
+/// The classic Prometheus text format (version 0.0.4) of an OpenMetrics exposition, for
+/// clients that do not ask for OpenMetrics: a counter's HELP and TYPE name its `_total`
+/// samples, and there is no `# UNIT` or `# EOF` line.
+pub fn classic_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let m = Metrics::new(Counter::default());
+        m.set_certificates(&[("relay.example.com".into(), 1_800_000_000)]);
+        let open = m.encode();
+        assert!(open.contains("# TYPE sigrelay_messages counter\n") && open.ends_with("# EOF\n"), "{open}");
+        let classic = classic_text(&open);
+        assert!(classic.contains("# HELP sigrelay_messages_total Data messages relayed"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_messages_total counter\nsigrelay_messages_total{direction=\"up\"} 0\n"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_max_connections gauge\n"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_certificate_not_after_timestamp_seconds gauge\n"), "{classic}");
+        assert!(classic.contains("sigrelay_certificate_not_after_timestamp_seconds{sni=\"relay.example.com\"} 1800000000\n"), "{classic}");
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"), "{classic}");
+    }
+}
