@@ -4,6 +4,10 @@
 #
 #   Debian's chromium      the browser the twilio-video SDK runs in (tests/browser.rs, media.rs)
 #   Debian's coturn        the stand-in for Twilio's TURN servers (tests/media.rs)
+#   Debian's prometheus    Prometheus 2.42 and promtool: the alert rules' unit tests, and every
+#                          rule and dashboard query evaluated against a scraped relay
+#                          (tests/prometheus.rs); systemd-analyze, which checks the systemd unit
+#                          (tests/systemd.rs), comes with Debian's systemd
 #   npm packages           twilio-video and playwright-core, pinned in tests/browser/package-lock.json
 #   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
 #   kubernetes-validate    validates config/kubernetes (tests/kubernetes.rs), in a venv from PyPI
@@ -21,6 +25,8 @@ sudo=""
 apt_packages=()
 command -v chromium >/dev/null || apt_packages+=(chromium)
 command -v turnserver >/dev/null || apt_packages+=(coturn)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_packages+=(prometheus)
+command -v systemd-analyze >/dev/null || apt_packages+=(systemd)
 command -v node >/dev/null && command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
     # websocat 1.x links OpenSSL.
@@ -72,8 +78,8 @@ if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
     (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-# CI=true makes the browser, media, websocat, Kubernetes, TLS audit and Autobahn tests fail, not
-# skip, when something above is missing.
+# CI=true makes the browser, media, websocat, Kubernetes, TLS audit, Prometheus, systemd and
+# Autobahn tests fail, not skip, when something above is missing.
 cargo test --locked --all-targets
 
 # Every fuzz target for a bounded time (FUZZ_SECONDS each, default 15); longer runs by hand.
