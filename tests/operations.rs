@@ -121,6 +121,8 @@ async fn drain_turns_readyz_503_then_closes_with_1012() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ready, 503, "readyz turns 503 at once");
+    let m = http(admin, "GET", "/metrics", &[]).await.1;
+    assert_eq!(metric(&m, "sigrelay_ready "), Some(0.0), "the readiness gauge follows: {m}");
     // Every thread's accept loop stops on the same signal; the socket closes once the last has.
     let mut accepting = true;
     for _ in 0..200 {
