@@ -342,7 +342,7 @@ async fn every_rule_and_panel_evaluates_against_a_scraped_relay_under_load() {
     }
     refused(&mut relay, &pki, "/de1/signaling", "over_max_connections").await;
     // A counter's first sample has no increase before it: a second refusal, a few scrapes on.
-    tokio::time::sleep(Duration::from_secs(2 * SCRAPE_SECONDS)).await;
+    tokio::time::sleep(Duration::from_secs(3 * SCRAPE_SECONDS)).await;
     refused(&mut relay, &pki, "/de1/signaling", "over_max_connections").await;
     // The rules are evaluated every second; the alerts' `for` keeps them pending.
     tokio::time::sleep(Duration::from_secs(4 * SCRAPE_SECONDS)).await;
