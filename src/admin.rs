@@ -95,7 +95,15 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>, 
     }
     Ok(match (method, path) {
         (&Method::GET, "/metrics") => {
-            respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", app.metrics.encode())
+            // Prometheus asks for OpenMetrics; curl and `promtool check metrics` read the
+            // classic text format.
+            let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let open_metrics = app.metrics_text();
+            if accept.contains("application/openmetrics-text") {
+                respond(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", open_metrics)
+            } else {
+                respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", crate::metrics::classic_text(&open_metrics))
+            }
         }
         (&Method::GET, "/connections") => {
             let body = serde_json::to_vec(&app.registry.list()).expect("JSON values serialize");

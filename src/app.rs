@@ -113,6 +113,7 @@ impl App {
         let reserve = FD_RESERVE + 4 * (config.server.threads as u64 - 1);
         let derived_max = (nofile.saturating_sub(reserve) / 2).max(1) as usize;
         let metrics = Arc::new(Metrics::new(records.dropped_counter()));
+        metrics.set_certificates(&certs.expiry());
         let connector = Connector::new(&config, client_tls).map_err(StartError::Dns)?;
         let tls = config.server.tls.then(|| TlsAcceptor::from(server_tls));
         let proxy_protocol = config.server.proxy_protocol;
@@ -162,6 +163,7 @@ impl App {
             }
         }
         self.certs.reload(&config)?;
+        self.metrics.set_certificates(&self.certs.expiry());
         self.limiter.update(config.limits.clone());
         self.current.store(Arc::new(Current::new(config, &self.certs)));
         Ok(())
@@ -175,5 +177,15 @@ impl App {
     /// Whether `/readyz` says ready: every thread accepting, and not draining.
     pub fn ready(&self) -> bool {
         self.accepting.load(Ordering::Acquire) && !self.shutdown.drain.is_cancelled()
+    }
+
+    /// The `/metrics` text, with the gauges read from the relay's state (open connections,
+    /// `max_connections`, readiness) brought up to date first.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        m.connections_open.set(self.limiter.total() as i64);
+        m.max_connections.set(self.limiter.max_connections() as i64);
+        m.ready.set(self.ready() as i64);
+        m.encode()
     }
 }

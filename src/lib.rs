@@ -11,7 +11,7 @@
 //!   then the frame [`pump`] ([`frame`] is its codec);
 //! - [`session`]: the one owner of each handshake and close record ([`records`] writes them,
 //!   [`metrics`] counts them, [`outcome`] names them);
-//! - [`admin`], [`registry`], [`limits`], [`shutdown`], [`tls`], [`proxy_protocol`],
+//! - [`admin`], [`registry`], [`limits`], [`shutdown`], [`systemd`], [`tls`], [`proxy_protocol`],
 //!   [`token`], [`probe`], [`healthcheck`], [`respond`]; [`tools`] beside it all.
 
 pub mod admin;
@@ -40,6 +40,7 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod systemd;
 pub mod tls;
 pub mod token;
 pub mod turn;

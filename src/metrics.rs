@@ -1,7 +1,9 @@
 //! Prometheus metrics, kept by prometheus-client and served on the admin listener.
 //!
 //! Handshake and close counts are taken from the records (one place decides an outcome); live
-//! connections from the registry's guards; messages and bytes from the frame pump.
+//! connections from the registry's guards; messages and bytes from the frame pump; the state
+//! gauges (open connections, `max_connections`, readiness) when scraped; certificate expiry
+//! when the certificates are loaded.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -20,6 +22,33 @@ pub struct RouteRegion {
 pub struct RouteOutcome {
     pub route: String,
     pub outcome: String,
+}
+
+/// Handshakes by route, region (an allowed region code, or `-` before one was chosen) and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub route: String,
+    pub region: String,
+    pub outcome: String,
+}
+
+/// Closes by route, outcome and the side that ended the connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CloseLabels {
+    pub route: String,
+    pub outcome: String,
+    pub closed_by: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    pub route: String,
+}
+
+/// A name the listener's certificates answer to (a DNS name, possibly a wildcard).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SniLabel {
+    pub sni: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,8 +75,11 @@ fn seconds_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub live: Family<RouteRegion, Gauge>,
-    pub handshakes: Family<RouteOutcome, Counter>,
-    pub closes: Family<RouteOutcome, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
+    /// Handshakes whose token had expired, whatever their outcome (relayed unless
+    /// `reject_expired_tokens` is on).
+    pub expired_tokens: Family<RouteLabel, Counter>,
+    pub closes: Family<CloseLabels, Counter>,
     pub messages: Family<DirectionLabel, Counter>,
     pub bytes: Family<DirectionLabel, Counter>,
     pub handshake_seconds: Family<RouteOutcome, Histogram>,
@@ -64,6 +96,14 @@ pub struct Metrics {
     pub msgs_down: Counter,
     pub bytes_up: Counter,
     pub bytes_down: Counter,
+    /// Connections counted against `max_connections` (from accept to close), set when scraped.
+    pub connections_open: Gauge,
+    /// `limits.max_connections` in force, set when scraped.
+    pub max_connections: Gauge,
+    /// 1 while `/readyz` says ready, set when scraped.
+    pub ready: Gauge,
+    /// The `notAfter` of the certificate served for each name, set when certificates load.
+    pub certificate_not_after: Family<SniLabel, Gauge>,
 }
 
 impl Metrics {
@@ -71,15 +111,21 @@ impl Metrics {
     pub fn new(records_dropped: Counter) -> Self {
         let mut registry = Registry::with_prefix("sigrelay");
         let live = Family::<RouteRegion, Gauge>::default();
-        let handshakes = Family::<RouteOutcome, Counter>::default();
-        let closes = Family::<RouteOutcome, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
+        let expired_tokens = Family::<RouteLabel, Counter>::default();
+        let closes = Family::<CloseLabels, Counter>::default();
         let messages = Family::<DirectionLabel, Counter>::default();
         let bytes = Family::<DirectionLabel, Counter>::default();
         let handshake_seconds = Family::<RouteOutcome, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let upstream_phase_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(seconds_histogram as fn() -> Histogram);
         registry.register("connections_live", "Relayed connections now open, by route and region", live.clone());
-        registry.register("handshakes", "Handshake records, by route and outcome", handshakes.clone());
-        registry.register("closes", "Close records, by route and outcome", closes.clone());
+        registry.register("handshakes", "Handshake records, by route, region and outcome", handshakes.clone());
+        registry.register(
+            "expired_tokens",
+            "Handshakes whose token had expired, by route, whatever the outcome",
+            expired_tokens.clone(),
+        );
+        registry.register("closes", "Close records, by route, outcome and the side that ended the connection", closes.clone());
         registry.register("messages", "Data messages relayed, by direction (up: browser to gateway)", messages.clone());
         registry.register("bytes", "WebSocket frame bytes relayed, by direction", bytes.clone());
         registry.register("handshake_duration_seconds", "Time from request to handshake outcome", handshake_seconds.clone());
@@ -101,6 +147,19 @@ impl Metrics {
             "Connections each accept thread is serving (new ones go to the least-loaded thread)",
             thread_connections.clone(),
         );
+        let connections_open = Gauge::default();
+        registry.register("connections_open", "Connections counted against max_connections, from accept to close", connections_open.clone());
+        let max_connections = Gauge::default();
+        registry.register("max_connections", "The limits.max_connections in force", max_connections.clone());
+        let ready = Gauge::default();
+        registry.register("ready", "1 while every accept thread is accepting and no shutdown has started", ready.clone());
+        let certificate_not_after = Family::<SniLabel, Gauge>::default();
+        registry.register_with_unit(
+            "certificate_not_after_timestamp",
+            "When the certificate served for a name expires (its notAfter), in Unix time",
+            prometheus_client::registry::Unit::Seconds,
+            certificate_not_after.clone(),
+        );
         let dir = |d| DirectionLabel { direction: d };
         let msgs_up = messages.get_or_create(&dir("up")).clone();
         let msgs_down = messages.get_or_create(&dir("down")).clone();
@@ -114,6 +173,7 @@ impl Metrics {
             registry,
             live,
             handshakes,
+            expired_tokens,
             closes,
             messages,
             bytes,
@@ -123,6 +183,10 @@ impl Metrics {
             turn_bytes_up,
             turn_bytes_down,
             thread_connections,
+            connections_open,
+            max_connections,
+            ready,
+            certificate_not_after,
         }
     }
 
@@ -139,7 +203,15 @@ impl Metrics {
             route: r.route.clone().unwrap_or_else(|| "-".into()),
             outcome: r.outcome.map(|o| o.as_str()).unwrap_or("-").to_string(),
         };
-        self.handshakes.get_or_create(&label).inc();
+        // A record's region is only ever an allowed one (the routing decision's), so the label
+        // stays bounded by the allow-list.
+        let region = r.region.clone().unwrap_or_else(|| "-".into());
+        self.handshakes
+            .get_or_create(&HandshakeLabels { route: label.route.clone(), region, outcome: label.outcome.clone() })
+            .inc();
+        if r.token_expired == Some(true) {
+            self.expired_tokens.get_or_create(&RouteLabel { route: label.route.clone() }).inc();
+        }
         if let Some(ms) = r.total_ms {
             self.handshake_seconds.get_or_create(&label).observe(ms / 1000.0);
         }
@@ -168,10 +240,69 @@ impl Metrics {
 
     /// Counts a close record.
     pub fn close(&self, r: &crate::records::CloseRecord) {
-        let label = RouteOutcome {
+        let label = CloseLabels {
             route: r.route.clone().unwrap_or_else(|| "-".into()),
             outcome: r.outcome.map(|o| o.as_str()).unwrap_or("-").to_string(),
+            closed_by: r.closed_by.map(|s| s.word()).unwrap_or("-"),
         };
         self.closes.get_or_create(&label).inc();
+    }
+
+    /// Replaces the certificate expiry gauges: one per name, with that name's certificate's
+    /// `notAfter` (Unix seconds). Names no longer served disappear.
+    pub fn set_certificates(&self, not_after: &[(String, i64)]) {
+        self.certificate_not_after.clear();
+        for (sni, t) in not_after {
+            self.certificate_not_after.get_or_create(&SniLabel { sni: sni.clone() }).set(*t);
+        }
+    }
+}
+
+/// The classic Prometheus text format (version 0.0.4) of an OpenMetrics exposition, for
+/// clients that do not ask for OpenMetrics: a counter's HELP and TYPE name its `_total`
+/// samples, and there is no `# UNIT` or `# EOF` line.
+pub fn classic_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open_metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open_metrics.len());
+    for line in open_metrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_classic_format_names_counters_by_their_samples() {
+        let m = Metrics::new(Counter::default());
+        m.set_certificates(&[("relay.example.com".into(), 1_800_000_000)]);
+        let open = m.encode();
+        assert!(open.contains("# TYPE sigrelay_messages counter\n") && open.ends_with("# EOF\n"), "{open}");
+        let classic = classic_text(&open);
+        assert!(classic.contains("# HELP sigrelay_messages_total Data messages relayed"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_messages_total counter\nsigrelay_messages_total{direction=\"up\"} 0\n"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_max_connections gauge\n"), "{classic}");
+        assert!(classic.contains("# TYPE sigrelay_certificate_not_after_timestamp_seconds gauge\n"), "{classic}");
+        assert!(classic.contains("sigrelay_certificate_not_after_timestamp_seconds{sni=\"relay.example.com\"} 1800000000\n"), "{classic}");
+        assert!(!classic.contains("# EOF") && !classic.contains("# UNIT"), "{classic}");
     }
 }

@@ -83,10 +83,12 @@ pub async fn run(
             while let Some(config) = reloads.recv().await {
                 // File reads and key parsing stay off this thread, which also serves connections.
                 let app = app.clone();
+                crate::systemd::reloading();
                 match tokio::task::spawn_blocking(move || app.reload(config)).await.expect("reload does not panic") {
                     Ok(()) => tracing::info!("configuration reloaded"),
                     Err(e) => tracing::error!("reload rejected, running configuration kept: {e}"),
                 }
+                crate::systemd::ready("configuration reloaded");
             }
         })
     };
@@ -131,6 +133,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         }
     };
     app.set_accepting();
+    crate::systemd::ready(&format!("accepting on {threads} thread(s)"));
     shutdown.await;
     drain(&app, &mut accepting).await;
     accepting.join().await;
@@ -144,6 +147,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
 /// The shutdown sequence; returns when every connection task has ended (or the grace ran out).
 async fn drain(app: &App, accepting: &mut Acceptors) {
     app.shutdown.drain.cancel();
+    crate::systemd::stopping("draining");
     accepting.stopped().await;
     app.tracker.close();
     let drain_timeout = app.current().config.server.drain_timeout;
@@ -173,7 +177,10 @@ async fn background_chores(app: Arc<App>, stop: CancellationToken) {
         // File reads and key parsing stay off this thread, which also serves connections.
         let (certs, current) = (app.certs.clone(), app.current());
         match tokio::task::spawn_blocking(move || certs.reload(&current.config)).await.expect("the reload check does not panic") {
-            Ok(true) => tracing::info!("certificate files changed; new handshakes use the new certificates"),
+            Ok(true) => {
+                app.metrics.set_certificates(&app.certs.expiry());
+                tracing::info!("certificate files changed; new handshakes use the new certificates")
+            }
             Ok(false) => {}
             Err(e) => tracing::error!(error = %e, "certificate files changed but cannot be used; keeping the ones in service"),
         }

@@ -123,6 +123,8 @@ pub struct CertStore {
 struct CertSet {
     default: Arc<CertifiedKey>,
     extra: Vec<Arc<CertifiedKey>>,
+    /// Each name served, with its certificate's `notAfter`, for the expiry metric.
+    expiry: Vec<(String, i64)>,
 }
 
 impl CertStore {
@@ -159,8 +161,34 @@ impl CertSet {
             .iter()
             .map(|pair| certified_key(&pair.cert, &pair.key))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(CertSet { default, extra })
+        let mut expiry: Vec<(String, i64)> = Vec::new();
+        // The first extra pair naming a host serves it, else the default pair (as `resolve`).
+        let paths = config.server.certs.iter().map(|p| &p.cert).chain(std::iter::once(&config.server.cert));
+        for (ck, path) in extra.iter().chain(std::iter::once(&default)).zip(paths) {
+            let (mut names, not_after) = names_and_expiry(ck, path)?;
+            if names.is_empty() && Arc::ptr_eq(ck, &default) {
+                // Served to every name the others do not cover, and to clients that send no SNI.
+                names.push("-".into());
+            }
+            for name in names {
+                if !expiry.iter().any(|(n, _)| *n == name) {
+                    expiry.push((name, not_after));
+                }
+            }
+        }
+        Ok(CertSet { default, extra, expiry })
     }
+}
+
+/// The DNS names (wildcards included) and the `notAfter` (Unix seconds) of a pair's leaf.
+fn names_and_expiry(ck: &CertifiedKey, path: &Path) -> Result<(Vec<String>, i64), TlsError> {
+    let der = ck.end_entity_cert().map_err(|e| file_error("server.cert", path, e))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| file_error("server.cert", path, e))?;
+    let not_after = parsed.validity().not_after.timestamp();
+    let names = webpki::EndEntityCert::try_from(der)
+        .map(|ee| ee.valid_dns_names().map(str::to_string).collect())
+        .unwrap_or_default();
+    Ok((names, not_after))
 }
 
 fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
@@ -192,6 +220,13 @@ fn files_fingerprint(config: &Config) -> u64 {
 }
 
 impl CertStore {
+    /// Each name the certificates answer to, with the `notAfter` (Unix seconds) of the
+    /// certificate served for it; the default certificate is listed as `-` when it names no
+    /// host (an IP-only certificate).
+    pub fn expiry(&self) -> Vec<(String, i64)> {
+        self.current.load().expiry.clone()
+    }
+
     /// The first DNS name, not a wildcard, of the default certificate: the relay's own host.
     pub fn host_name(&self) -> Option<String> {
         let set = self.current.load();

@@ -401,3 +401,52 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
     let ok = all.iter().filter(|r| r["event"] == "handshake" && r["outcome"] == "ok").count();
     assert_eq!(ok, 65, "64 held plus the one after a slot freed");
 }
+
+/// Under systemd (`Type=notify`), sigrelay says READY=1 on `NOTIFY_SOCKET` only once every
+/// accept thread accepts (the main listener's `/readyz` answers 200 when it arrives), brackets a
+/// SIGHUP reload with RELOADING=1 and READY=1, and says STOPPING=1 when SIGTERM starts the drain.
+#[test]
+fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+
+    let pki = support::Pki::new();
+    let config = pki.dir.path().join("sigrelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nthreads = 2\ncert = {:?}\nkey = {:?}\ndrain_timeout = \"200ms\"\ndrain_jitter = \"0s\"\n\
+             [upstream]\nsystem_dns = false\n[admin]\nlisten = \"off\"\n",
+            pki.relay_cert, pki.relay_key
+        ),
+    )
+    .unwrap();
+    let socket_path = pki.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let next = |socket: &UnixDatagram| {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&config).env("NOTIFY_SOCKET", &socket_path);
+    let Running { mut child, addr, .. } = start(cmd);
+    let ready = next(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    // READY=1 was sent after every thread started accepting, so the listener answers ready now.
+    let readyz = https_get(&addr, &pki.ca_file, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
+
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    let reloading = next(&socket);
+    assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading:?}");
+    assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
+    let reloaded = next(&socket);
+    assert!(reloaded.lines().any(|l| l == "READY=1"), "{reloaded:?}");
+
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let stopping = next(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(wait_with_timeout(&mut child, Duration::from_secs(20)).success());
+}

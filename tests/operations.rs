@@ -55,7 +55,7 @@ async fn admin_lists_meters_and_closes_live_connections() {
 
     let (status, m) = http(relay.admin(), "GET", "/metrics", &[]).await;
     assert_eq!(status, 200);
-    assert_eq!(metric(&m, r#"sigrelay_handshakes_total{route="signaling",outcome="ok"}"#), Some(1.0), "{m}");
+    assert_eq!(metric(&m, r#"sigrelay_handshakes_total{route="signaling",region="au1",outcome="ok"}"#), Some(1.0), "{m}");
     assert_eq!(metric(&m, r#"sigrelay_connections_live{route="signaling",region="au1"}"#), Some(1.0), "{m}");
     assert_eq!(metric(&m, r#"sigrelay_messages_total{direction="up"}"#), Some(1.0), "{m}");
     assert!(metric(&m, r#"sigrelay_bytes_total{direction="down"}"#).unwrap() > 0.0);
@@ -74,7 +74,7 @@ async fn admin_lists_meters_and_closes_live_connections() {
     assert_eq!(body.trim(), "[]");
     let (_, m) = http(relay.admin(), "GET", "/metrics", &[]).await;
     assert_eq!(metric(&m, r#"sigrelay_connections_live{route="signaling",region="au1"}"#), Some(0.0));
-    assert_eq!(metric(&m, r#"sigrelay_closes_total{route="signaling",outcome="closed_by_operator"}"#), Some(1.0));
+    assert_eq!(metric(&m, r#"sigrelay_closes_total{route="signaling",outcome="closed_by_operator",closed_by="relay"}"#), Some(1.0), "{m}");
     assert_eq!(http(relay.admin(), "DELETE", "/connections/nope", &[]).await.0, 404);
 }
 
@@ -121,6 +121,8 @@ async fn drain_turns_readyz_503_then_closes_with_1012() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(ready, 503, "readyz turns 503 at once");
+    let m = http(admin, "GET", "/metrics", &[]).await.1;
+    assert_eq!(metric(&m, "sigrelay_ready "), Some(0.0), "the readiness gauge follows: {m}");
     // Every thread's accept loop stops on the same signal; the socket closes once the last has.
     let mut accepting = true;
     for _ in 0..200 {
@@ -478,6 +480,79 @@ async fn egress_through_a_connect_proxy() {
     let r = relay.record("handshake").await;
     assert_eq!(r["outcome"], "upstream_proxy_error");
     assert!(r["error"].as_str().unwrap().contains("403"), "{r}");
+}
+
+/// A certificate's `notAfter`, in Unix seconds.
+fn not_after(pem: &str) -> f64 {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+    x509_parser::parse_x509_certificate(&der).unwrap().1.validity().not_after.timestamp() as f64
+}
+
+#[tokio::test]
+async fn certificate_expiry_state_and_limit_gauges_follow_the_relay() {
+    let pki = Pki::new();
+    let gw = Gateway::start(&pki, Mode::Echo).await;
+    let write = |name: &str, leaf: &sigrelay::tools::pki::Leaf| {
+        let (cert, key) = (pki.dir.path().join(format!("{name}.pem")), pki.dir.path().join(format!("{name}-key.pem")));
+        std::fs::write(&cert, &leaf.cert_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        (cert, key)
+    };
+    let main = pki.ca.leaf_for_days(&["localhost".into(), "127.0.0.1".into()], 30).unwrap();
+    let other = pki.ca.leaf_for_days(&["other.test".into(), "*.wild.test".into()], 10).unwrap();
+    let (main_cert, main_key) = write("main", &main);
+    let (other_cert, other_key) = write("other", &other);
+    let config = |extra: bool| {
+        let certs = if extra { format!("[[server.certs]]\ncert = {other_cert:?}\nkey = {other_key:?}\n") } else { String::new() };
+        let text = format!(
+            "[server]\ncert = {main_cert:?}\nkey = {main_key:?}\n{certs}[limits]\nmax_connections = 500\n\
+             [upstream]\nca_file = {:?}\nsystem_dns = false\n[admin]\nlisten = \"127.0.0.1:0\"\n{}",
+            pki.ca_file,
+            resolve_all_to(gw.addr)
+        );
+        sigrelay::Config::parse(&text, "test.toml").unwrap()
+    };
+    let mut relay = Relay::start_config(config(true)).await;
+    let scrape = || async { http(relay.admin(), "GET", "/metrics", &[]).await.1 };
+    let expiry = |sni: &str| format!("sigrelay_certificate_not_after_timestamp_seconds{{sni=\"{sni}\"}}");
+    let m = scrape().await;
+    assert_eq!(metric(&m, &expiry("localhost")), Some(not_after(&main.cert_pem)), "{m}");
+    assert_eq!(metric(&m, &expiry("other.test")), Some(not_after(&other.cert_pem)), "{m}");
+    assert_eq!(metric(&m, &expiry("*.wild.test")), Some(not_after(&other.cert_pem)), "{m}");
+    assert_eq!(metric(&m, "sigrelay_max_connections "), Some(500.0), "{m}");
+    assert_eq!(metric(&m, "sigrelay_ready "), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "sigrelay_connections_open "), Some(0.0), "{m}");
+
+    let mut ws = relay.ws(&pki, "/au1/signaling").await;
+    echo_once(&mut ws, "counted").await;
+    assert_eq!(metric(&scrape().await, "sigrelay_connections_open "), Some(1.0));
+
+    // A renewed file is picked up by the poll, without a reload.
+    let renewed = pki.ca.leaf_for_days(&["localhost".into(), "127.0.0.1".into()], 90).unwrap();
+    write("main", &renewed);
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = metric(&scrape().await, &expiry("localhost"));
+        if seen == Some(not_after(&renewed.cert_pem)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, Some(not_after(&renewed.cert_pem)), "the renewed certificate's notAfter");
+
+    // A reload that drops the extra pair drops its names, and puts the new limit in force.
+    let mut without = config(false);
+    without.limits.max_connections = Some(200);
+    relay.app.reload(without).unwrap();
+    let m = scrape().await;
+    assert_eq!(metric(&m, &expiry("other.test")), None, "{m}");
+    assert_eq!(metric(&m, &expiry("localhost")), Some(not_after(&renewed.cert_pem)), "{m}");
+    assert_eq!(metric(&m, "sigrelay_max_connections "), Some(200.0), "{m}");
+
+    drop(ws);
+    let _ = relay.record("close").await;
+    relay.stop().await;
 }
 
 #[tokio::test]

@@ -1,8 +1,9 @@
 //! `sigrelay report` on a recorded file (with malformed lines, which are counted, not fatal),
 //! on stdin, as JSON, and with `--since`.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
+
+mod support;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sigrelay");
 
@@ -17,18 +18,7 @@ this line is not a record
 "#;
 
 fn run(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new(BIN)
-        .arg("report")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    let out = child.wait_with_output().unwrap();
+    let out = support::output_with_stdin(Command::new(BIN).arg("report").args(args), stdin.unwrap_or(""));
     (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
 }
 

@@ -8,6 +8,10 @@
 #   Debian's WebKitGTK     the third (webkit2gtk-driver's WebKitWebDriver and MiniBrowser, under
 #                          xvfb's Xvfb; tests/compat.rs)
 #   Debian's coturn        the stand-in for Twilio's TURN servers (tests/media.rs)
+#   Debian's prometheus    Prometheus 2.42 and promtool: the alert rules' unit tests, and every
+#                          rule and dashboard query evaluated against a scraped relay
+#                          (tests/prometheus.rs); systemd-analyze, which checks the systemd unit
+#                          (tests/systemd.rs), comes with Debian's systemd
 #   npm packages           twilio-video (several releases, as npm aliases), playwright-core and
 #                          puppeteer-core, pinned in tests/browser/package-lock.json
 #   websocat 1.x           the real tool operators use (tests/websocat.rs), via cargo install
@@ -29,6 +33,8 @@ command -v firefox-esr >/dev/null || apt_packages+=(firefox-esr)
 command -v WebKitWebDriver >/dev/null || apt_packages+=(webkit2gtk-driver)
 command -v Xvfb >/dev/null || apt_packages+=(xvfb)
 command -v turnserver >/dev/null || apt_packages+=(coturn)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_packages+=(prometheus)
+command -v systemd-analyze >/dev/null || apt_packages+=(systemd)
 command -v node >/dev/null && command -v npm >/dev/null || apt_packages+=(nodejs npm)
 if ! websocat --version 2>/dev/null | grep -q '^websocat 1\.'; then
     # websocat 1.x links OpenSSL.
@@ -80,8 +86,8 @@ if ! (cd tests/browser && npm ls --silent >/dev/null 2>&1); then
     (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
-# CI=true makes the browser, media, websocat, Kubernetes, TLS audit and Autobahn tests fail, not
-# skip, when something above is missing.
+# CI=true makes the browser, media, websocat, Kubernetes, TLS audit, Prometheus, systemd and
+# Autobahn tests fail, not skip, when something above is missing.
 cargo test --locked --all-targets
 
 # Every fuzz target for a bounded time (FUZZ_SECONDS each, default 15); longer runs by hand.

@@ -712,6 +712,17 @@ pub fn chromium() -> String {
     std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
 
+/// Runs `cmd` with `stdin` written to its standard input; its exit status and output.
+pub fn output_with_stdin(cmd: &mut std::process::Command, stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
 /// Whether a test's outside tool is installed: without it the test is skipped, saying `why`,
 /// except in CI (`CI` set), where its absence is a failure.
 pub fn tool_ready(ready: bool, why: &str) -> bool {
