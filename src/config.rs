@@ -82,7 +82,7 @@ pub struct ServerSettings {
     /// Extra certificates, chosen by SNI, beside the default `cert`/`key`.
     pub certs: Vec<CertPair>,
     /// Threads accepting and serving connections, each with its own runtime; a connection stays
-    /// on the thread that accepted it. Default: the CPUs available to the process.
+    /// on one thread, the least-loaded when it arrived. Default: the CPUs available to the process.
     pub threads: usize,
 }
 

@@ -59,17 +59,32 @@ pub struct Permit {
     per_ip: Arc<DashMap<IpAddr, usize>>,
     /// The key the connection is counted under, if it is counted per address.
     counted: Option<IpAddr>,
-    /// The count of connections its thread serves (`sigrelay_thread_connections`).
-    thread: Option<Gauge>,
+    /// Its place in the count of connections its thread serves.
+    thread: Option<ThreadHeld>,
+}
+
+/// A connection counted in its accept thread's `sigrelay_thread_connections` until dropped.
+#[derive(Debug)]
+pub struct ThreadHeld(Gauge);
+
+impl ThreadHeld {
+    /// Counts one more connection in `thread`.
+    pub fn new(thread: Gauge) -> ThreadHeld {
+        thread.inc();
+        ThreadHeld(thread)
+    }
+}
+
+impl Drop for ThreadHeld {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Permit {
-    /// Counts the connection in `thread` for as long as the permit lives.
-    pub fn count_on(&mut self, thread: Gauge) {
-        thread.inc();
-        if let Some(old) = self.thread.replace(thread) {
-            old.dec();
-        }
+    /// Keeps the connection counted on its thread for as long as the permit lives.
+    pub fn count_on(&mut self, thread: ThreadHeld) {
+        self.thread = Some(thread);
     }
 
     fn uncount_address(&mut self) {
@@ -88,9 +103,6 @@ impl Drop for Permit {
     fn drop(&mut self) {
         self.total.fetch_sub(1, Ordering::Relaxed);
         self.uncount_address();
-        if let Some(thread) = &self.thread {
-            thread.dec();
-        }
     }
 }
 

@@ -16,6 +16,7 @@ use tracing::field::Empty;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::limits::ThreadHeld;
 use crate::metrics::{Metrics, ThreadLabel};
 use crate::outcome::Outcome;
 use crate::prefixed::Prefixed;
@@ -27,10 +28,11 @@ use crate::session::{ConnContext, PendingHandshake, Peer};
 const MAX_HEAD: usize = 64 * 1024;
 
 /// The accept loops, one per thread (`server.threads`): one on the caller's runtime and one on
-/// each extra thread's own single-threaded runtime, all accepting from the same socket. A
-/// connection lives on the thread that accepted it, so its reads, writes and wake-ups never
-/// cross threads: on two cores this cut the relay's CPU per handshake cycle by a fifth against
-/// one work-stealing runtime, where tasks hop between threads. This is nginx's worker model.
+/// each extra thread's own single-threaded runtime, all accepting on the same port. A connection
+/// lives on one thread (the one that accepted it, or the least-loaded one: [`Placement`]), so its
+/// reads, writes and wake-ups never cross threads: on two cores this cut the relay's CPU per
+/// handshake cycle by a fifth against one work-stealing runtime, where tasks hop between
+/// threads. This is nginx's worker model.
 pub struct Acceptors {
     main: tokio::task::JoinHandle<()>,
     extra: Vec<ExtraThread>,
@@ -98,8 +100,8 @@ impl ExtraThread {
     async fn start(listener: &TcpListener, app: &Arc<App>, i: usize, placement: Arc<Placement>, inbox: Inbox) -> std::io::Result<ExtraThread> {
         let socket = socket2::SockRef::from(listener);
         let shared = if socket.reuse_port().unwrap_or(false) {
-            // A socket of its own on the same port: the kernel spreads new connections evenly
-            // over the threads' sockets, where a shared one goes to whichever thread woke first.
+            // A socket of its own on the same port: the kernel spreads new connections over the
+            // threads' sockets by a hash, where a shared one goes to whichever thread woke first.
             bind_std(listener.local_addr()?)?
         } else {
             std::net::TcpListener::from(socket.try_clone()?)
@@ -163,8 +165,8 @@ fn bind_std(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// A connection accepted on one thread and handed to another.
-type Handoff = (std::net::TcpStream, SocketAddr);
+/// A connection accepted on one thread and handed to another, already counted there.
+type Handoff = (std::net::TcpStream, SocketAddr, ThreadHeld);
 /// A thread's queue of connections handed to it.
 type Inbox = mpsc::Receiver<Handoff>;
 
@@ -174,12 +176,12 @@ const INBOX: usize = 256;
 
 /// Which thread serves a new connection: the one that accepted it, unless it holds more than
 /// another thread does. The kernel's `SO_REUSEPORT` hash spreads connections over the threads'
-/// sockets at random, and a connection stays where it lands, so 100 long-lived connections can
-/// land 60 to 40; under overload the busier thread's connections then queue while the other
-/// thread has CPU to spare. Handing a connection over costs moving its socket to the other
-/// thread's reactor once.
+/// sockets at random (a shared socket, over whichever thread wakes first), and a connection stays
+/// where it is served, so 100 long-lived connections can sit 60 to 40; under overload the busier
+/// thread's connections then queue while the other thread has CPU to spare. Handing a connection
+/// over costs moving its socket to the other thread's reactor once.
 pub(crate) struct Placement {
-    /// Connections each thread is serving now (`sigrelay_thread_connections`).
+    /// Connections each thread is serving or has been handed (`sigrelay_thread_connections`).
     held: Box<[Gauge]>,
     inboxes: Box<[mpsc::Sender<Handoff>]>,
 }
@@ -198,49 +200,62 @@ impl Placement {
         (Arc::new(Placement { held, inboxes: senders.into() }), inboxes)
     }
 
-    /// The thread that should serve a connection `me` accepted: `me`, unless another holds at
-    /// least two fewer. The threads stay within two of even, and a connection arriving at a
-    /// thread one ahead stays put: half the handoffs of keeping them within one.
-    fn pick(&self, me: usize) -> usize {
+    /// The thread that should serve a connection `me` accepted, counted there from now on (so a
+    /// burst accepted on several threads at once sees each placement): `me`, unless another
+    /// holds at least two fewer. The threads stay within two of even, and a connection arriving
+    /// at a thread one ahead stays put: half the handoffs of keeping them within one.
+    fn pick(&self, me: usize) -> (usize, ThreadHeld) {
         let load = |i: usize| self.held[i].get();
         let (least, fewest) = (0..self.held.len()).map(|i| (i, load(i))).min_by_key(|&(_, n)| n).unwrap_or((me, 0));
-        if load(me) >= fewest + 2 { least } else { me }
+        let target = if load(me) >= fewest + 2 { least } else { me };
+        (target, ThreadHeld::new(self.held[target].clone()))
     }
 }
 
 impl Thread {
     /// Serves `tcp` here, or hands it to a thread holding fewer connections.
     fn place(&self, app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) {
-        let target = self.placement.pick(self.index);
-        let tcp = match target == self.index {
-            true => tcp,
-            false => match tcp.into_std() {
-                Ok(std) => match self.placement.inboxes[target].try_send((std, addr)) {
-                    Ok(()) => return,
-                    // Full, or that thread has stopped: serve it here after all.
-                    Err(e) => match TcpStream::from_std(e.into_inner().0) {
-                        Ok(tcp) => tcp,
-                        Err(e) => return tracing::warn!(error = %e, "cannot take back a connection"),
-                    },
-                },
-                Err(e) => return tracing::warn!(error = %e, "cannot hand a connection over"),
-            },
+        let (target, held) = self.placement.pick(self.index);
+        if target == self.index {
+            return serve(app, tcp, addr, held);
+        }
+        let std = match tcp.into_std() {
+            Ok(std) => std,
+            Err(e) => return lost(app, addr, format!("cannot hand the connection to another thread: {e}")),
         };
-        self.serve(app, tcp, addr);
-    }
-
-    fn serve(&self, app: &Arc<App>, tcp: TcpStream, addr: SocketAddr) {
-        let held = self.placement.held[self.index].clone();
-        app.tracker.spawn(serve_connection(app.clone(), tcp, addr, held));
+        match self.placement.inboxes[target].try_send((std, addr, held)) {
+            Ok(()) => {}
+            // Full, or that thread has stopped: serve it here after all.
+            Err(e) => {
+                let (std, addr, held) = e.into_inner();
+                drop(held);
+                let held = ThreadHeld::new(self.placement.held[self.index].clone());
+                match TcpStream::from_std(std) {
+                    Ok(tcp) => serve(app, tcp, addr, held),
+                    Err(e) => lost(app, addr, format!("cannot take the connection back: {e}")),
+                }
+            }
+        }
     }
 
     /// Serves a connection another thread handed over.
-    fn take(&self, app: &Arc<App>, (std, addr): Handoff) {
+    fn take(&self, app: &Arc<App>, (std, addr, held): Handoff) {
         match TcpStream::from_std(std) {
-            Ok(tcp) => self.serve(app, tcp, addr),
-            Err(e) => tracing::warn!(error = %e, "cannot take a handed-over connection"),
+            Ok(tcp) => serve(app, tcp, addr, held),
+            Err(e) => lost(app, addr, format!("cannot take over a connection from another thread: {e}")),
         }
     }
+}
+
+fn serve(app: &Arc<App>, tcp: TcpStream, addr: SocketAddr, held: ThreadHeld) {
+    app.tracker.spawn(serve_connection(app.clone(), tcp, addr, held));
+}
+
+/// The record of a connection the relay could not move between its own threads (the socket
+/// could not join the other reactor: it has never been seen to happen).
+fn lost(app: &Arc<App>, client_addr: SocketAddr, why: String) {
+    tracing::error!(error = %why, "connection dropped");
+    record_early(app, &Peer { client_addr, sni: None, tls_ms: None }, Instant::now(), Outcome::RelayError, why);
 }
 
 /// Accepts until shutdown starts, and serves what other threads hand over. One failed `accept()`
@@ -284,10 +299,10 @@ pub(crate) async fn accept_loop(listener: TcpListener, app: Arc<App>, mut thread
 }
 
 /// Serves one TCP connection: the PROXY header if configured, TLS (unless off), then HTTP
-/// requests until the connection upgrades or closes; `thread` counts it, through its permit,
-/// until it ends. Everything before the upgrade, together,
+/// requests until the connection upgrades or closes; `thread` counts it on its thread, carried
+/// by its permit until it ends. Everything before the upgrade, together,
 /// is bounded by `handshake_timeout`, and the connection counts against the limits from here.
-async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, thread: Gauge) {
+async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, thread: ThreadHeld) {
     let _ = tcp.set_nodelay(true);
     let span = tracing::info_span!("conn", client = %peer, sni = Empty);
     let started = Instant::now();

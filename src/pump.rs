@@ -5,7 +5,9 @@
 //! count messages, enforce `max_message_size`, check framing and notice close frames), checks
 //! that text messages are UTF-8 and close frames well-formed (RFC 6455 §5, §7.4, §8.1), and
 //! copies bytes through a small fixed buffer per direction, so memory does not grow with message
-//! size and a slow reader slows its writer (`write_all` is awaited before the next read).
+//! size and a slow reader slows its writer (`write_all` is awaited before the next read). The
+//! buffers belong to the thread ([`pool`]): a direction holds one only while it has bytes in
+//! it, so an idle connection holds none.
 //!
 //! When one side breaks the protocol (bad framing, invalid UTF-8, a message over the limit), the
 //! frames it sent before the bad one are forwarded, the other side gets the relay's close (1001;
@@ -495,7 +497,8 @@ struct Direction<R, W> {
     to: Side,
     reader: R,
     writer: W,
-    buf: Box<[u8]>,
+    /// Bytes read and not yet forwarded are `buf[start..end]`; no buffer while there are none.
+    buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
     scanner: Scanner,
@@ -519,7 +522,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             to,
             reader,
             writer,
-            buf: vec![0; BUF_SIZE].into_boxed_slice(),
+            buf: None,
             start: 0,
             end: 0,
             scanner: Scanner::new(from, opts.max_message_size),
@@ -586,15 +589,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
     async fn linger(&mut self) {
         let _ = tokio::time::timeout(LINGER, async {
             loop {
-                let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
+                let buf = self.buf.get_or_insert_with(pool::take);
+                let (n, stop) = self.scanner.scan(&buf[self.start..self.end]);
                 if stop.is_some() {
                     return;
                 }
                 self.start += n;
-                self.buf.copy_within(self.start..self.end, 0);
+                buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
-                match self.reader.read(&mut self.buf[self.end..]).await {
+                match self.reader.read(&mut buf[self.end..]).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => self.end += n,
                 }
@@ -665,19 +669,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 return end;
             }
             let rest = &initial[n..];
-            self.buf[..rest.len()].copy_from_slice(rest);
-            self.end = rest.len();
+            if !rest.is_empty() {
+                self.buf.get_or_insert_with(pool::take)[..rest.len()].copy_from_slice(rest);
+                self.end = rest.len();
+            }
         }
         // Not held for the life of the connection.
         drop(initial);
         loop {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
+            if let Some(buf) = self.buf.as_mut().filter(|_| self.start > 0) {
+                buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
             }
             let read = tokio::select! {
-                r = self.reader.read(&mut self.buf[self.end..]) => r,
+                r = pool::read(&mut self.reader, &mut self.buf, self.end) => r,
                 _ = &mut stopped => return DirEnd::Stopped,
                 _ = tick(&mut self.ping_timer) => {
                     if let Some(end) = self.ping(shared, stopped.as_mut()).await {
@@ -691,11 +697,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 Ok(n) => self.end += n,
             }
             shared.seen(self.scanner.from).store(shared.now_ms(), Ordering::Relaxed);
-            let (n, stop) = self.scanner.scan(&self.buf[self.start..self.end]);
-            let chunk = std::mem::take(&mut self.buf);
+            let chunk = self.buf.take().expect("a read that returned bytes holds a buffer");
+            let (n, stop) = self.scanner.scan(&chunk[self.start..self.end]);
             let result = self.forward(&chunk[self.start..self.end], n, stop, shared, stopped.as_mut()).await;
-            self.buf = chunk;
             self.start += n;
+            if self.start == self.end {
+                (self.start, self.end) = (0, 0);
+                pool::give(chunk);
+            } else {
+                self.buf = Some(chunk);
+            }
             if let Some(end) = result {
                 return end;
             }
@@ -828,6 +839,95 @@ async fn tick(timer: &mut Option<tokio::time::Interval>) {
             t.tick().await;
         }
         None => std::future::pending().await,
+    }
+}
+
+/// The pump's read buffers, [`BUF_SIZE`] bytes each, kept per thread (a connection lives on the
+/// thread that accepted it). A direction takes one for each read that finds its buffer empty and
+/// gives it back once everything in it is forwarded.
+pub(crate) mod pool {
+    use std::cell::RefCell;
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    use super::BUF_SIZE;
+
+    /// Free buffers kept per thread; more are freed (256 KiB a thread at most).
+    const KEPT: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A free buffer of this thread's, or a new one.
+    pub fn take() -> Box<[u8]> {
+        FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
+    }
+
+    /// Gives a buffer back to this thread's pool.
+    pub fn give(buf: Box<[u8]>) {
+        FREE.with(|f| {
+            let mut free = f.borrow_mut();
+            if free.len() < KEPT {
+                free.push(buf);
+            }
+        });
+    }
+
+    /// Reads into `slot[end..]`. With nothing held (`end == 0`), each poll borrows a buffer from
+    /// the pool and gives it back if no bytes came (a pending read leaves the buffer untouched),
+    /// so waiting on an idle peer holds no buffer; bytes that came stay in `slot`.
+    pub fn read<'a, R: AsyncRead + Unpin>(
+        reader: &'a mut R,
+        slot: &'a mut Option<Box<[u8]>>,
+        end: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + 'a {
+        std::future::poll_fn(move |cx| {
+            let mut buf = slot.take().unwrap_or_else(take);
+            let mut read = ReadBuf::new(&mut buf[end..]);
+            let polled = Pin::new(&mut *reader).poll_read(cx, &mut read);
+            let n = read.filled().len();
+            match polled {
+                Poll::Ready(Ok(())) if n > 0 || end > 0 => *slot = Some(buf),
+                _ if end > 0 => *slot = Some(buf),
+                _ => give(buf),
+            }
+            polled.map_ok(|()| n)
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use tokio::io::AsyncWriteExt;
+
+        #[tokio::test]
+        async fn a_read_waiting_on_an_idle_peer_holds_no_buffer() {
+            let (mut peer, mut reader) = tokio::io::duplex(64);
+            let mut slot = None;
+            {
+                let read = read(&mut reader, &mut slot, 0);
+                tokio::pin!(read);
+                assert!(futures_util::poll!(read.as_mut()).is_pending());
+            }
+            assert!(slot.is_none(), "a pending read gave its buffer back");
+            peer.write_all(b"abc").await.unwrap();
+            assert_eq!(read(&mut reader, &mut slot, 0).await.unwrap(), 3);
+            assert_eq!(&slot.as_deref().expect("bytes keep their buffer")[..3], b"abc");
+            // Bytes of a partial frame held at the front stay put while the read waits.
+            {
+                let read = read(&mut reader, &mut slot, 3);
+                tokio::pin!(read);
+                assert!(futures_util::poll!(read.as_mut()).is_pending());
+            }
+            assert_eq!(&slot.as_deref().expect("held bytes keep their buffer")[..3], b"abc");
+            peer.write_all(b"de").await.unwrap();
+            assert_eq!(read(&mut reader, &mut slot, 3).await.unwrap(), 2);
+            assert_eq!(&slot.as_deref().unwrap()[..5], b"abcde");
+        }
     }
 }
 

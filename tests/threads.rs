@@ -1,6 +1,7 @@
-//! `server.threads`: every thread accepts from the same socket and serves what it accepted to
-//! the end, drain included, and the threads end with the relay. Alone in its test binary, so
-//! the threads it counts are this relay's.
+//! `server.threads`: every thread accepts on the same port, new connections go to the
+//! least-loaded thread, each thread serves its connections to the end, drain included, and the
+//! threads end with the relay. Alone in its test binary, so the threads it counts are this
+//! relay's.
 
 mod support;
 
@@ -107,6 +108,29 @@ async fn connections_are_spread_evenly_over_the_threads() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("connections still counted after they closed: {:?}", thread_connections(&relay));
+}
+
+#[tokio::test]
+async fn a_burst_of_connections_is_spread_evenly_too() {
+    // All at once: each thread must see the placements the others made a moment ago.
+    const N: usize = 120;
+    let pki = Pki::new();
+    let gw = Gateway::start(&pki, Mode::Echo).await;
+    let relay = Relay::to_gateway(&pki, &gw, "threads = 4").await;
+    let opens = (0..N).map(|i| {
+        let (relay, pki) = (&relay, &pki);
+        async move {
+            let mut ws = relay.ws(pki, "/au1/signaling").await;
+            send_text(&mut ws, &format!("hello {i}")).await;
+            assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
+            ws
+        }
+    });
+    let sockets = futures_util::future::join_all(opens).await;
+    let held = thread_connections(&relay);
+    assert_eq!(held.iter().sum::<i64>(), N as i64, "{held:?}");
+    assert!(held.iter().max().unwrap() - held.iter().min().unwrap() <= 2, "uneven: {held:?}");
+    drop(sockets);
 }
 
 #[test]

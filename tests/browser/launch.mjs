@@ -84,7 +84,8 @@ export async function engine(name, closed, exclude = ['localhost', '127.0.0.1'])
   throw new Error(`unknown engine ${name}`);
 }
 
-const MINIBROWSER = '/usr/lib/x86_64-linux-gnu/webkit2gtk-4.1/MiniBrowser';
+/// Where Debian's libwebkit2gtk-4.1-0 puts MiniBrowser on amd64 (`$MINIBROWSER` elsewhere).
+export const MINIBROWSER = '/usr/lib/x86_64-linux-gnu/webkit2gtk-4.1/MiniBrowser';
 
 /// WebKitGTK's MiniBrowser on its own Xvfb display, through WebKitWebDriver. A tab is the one
 /// window, navigated; closing it navigates to about:blank, which closes the page's sockets.
@@ -92,24 +93,31 @@ async function webkit(closed, exclude) {
   const children = [];
   const stop = () => children.forEach((c) => c.kill());
   try {
-    // -displayfd: Xvfb picks a free display and writes its number to fd 3.
-    const xvfb = spawn('Xvfb', ['-displayfd', '3', '-screen', '0', '1280x720x24', '-nolisten', 'tcp'], { stdio: ['ignore', 'ignore', 'inherit', 'pipe'] });
+    // -displayfd: Xvfb picks a free display and writes its number to fd 3. Neither child gets
+    // our stderr: a child outliving us must not hold the test's pipe open.
+    const xvfb = spawn('Xvfb', ['-displayfd', '3', '-screen', '0', '1280x720x24', '-nolisten', 'tcp'], { stdio: ['ignore', 'ignore', 'ignore', 'pipe'] });
     children.push(xvfb);
-    const display = await new Promise((resolve, reject) => {
+    const display = await within(10000, 'Xvfb to pick a display', new Promise((resolve, reject) => {
       xvfb.stdio[3].once('data', (d) => resolve(`:${String(d).trim()}`));
+      xvfb.once('error', reject);
       xvfb.once('exit', (code) => reject(new Error(`Xvfb exited with ${code}`)));
-    });
+    }));
     const port = await freePort();
     const driver = spawn(process.env.WEBKITWEBDRIVER || 'WebKitWebDriver', [`--port=${port}`, '--host=127.0.0.1'],
-      { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, DISPLAY: display } });
+      { stdio: 'ignore', env: { ...process.env, DISPLAY: display } });
     children.push(driver);
+    const driverFailed = new Promise((_, reject) => {
+      driver.once('error', reject);
+      driver.once('exit', (code) => reject(new Error(`WebKitWebDriver exited with ${code}`)));
+    });
+    driverFailed.catch(() => {});
     const wd = webdriver(`http://127.0.0.1:${port}`);
-    const session = await retry(() => wd('POST', '/session', { capabilities: { alwaysMatch: {
+    const session = await within(30000, 'a WebKit session', Promise.race([driverFailed, retry(() => wd('POST', '/session', { capabilities: { alwaysMatch: {
       acceptInsecureCerts: true,
       timeouts: { script: 60000 },
       proxy: { proxyType: 'manual', httpProxy: closed, sslProxy: closed, noProxy: exclude },
       'webkitgtk:browserOptions': { binary: process.env.MINIBROWSER || MINIBROWSER, args: ['--automation'] },
-    } } }));
+    } } }))]));
     const at = `/session/${session.sessionId}`;
     return {
       version: `${session.capabilities.browserName}/${session.capabilities.browserVersion}`,
@@ -139,10 +147,20 @@ async function webkit(closed, exclude) {
   }
 }
 
-/// A classic WebDriver client: `wd(method, path, body)` returns the answer's `value`.
+/// `promise`, or an error naming `what` after `ms`.
+function within(ms, what, promise) {
+  let timer;
+  const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms); });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
+
+/// A classic WebDriver client: `wd(method, path, body)` returns the answer's `value`. Each
+/// command gets 90 s (an async script may run for up to 60).
 function webdriver(base) {
   return async (method, path, body) => {
-    const res = await fetch(base + path, { method, headers: { 'content-type': 'application/json' }, body: body && JSON.stringify(body) });
+    const res = await fetch(base + path, {
+      method, headers: { 'content-type': 'application/json' }, body: body && JSON.stringify(body), signal: AbortSignal.timeout(90000),
+    });
     const answer = await res.json();
     if (!res.ok) throw new Error(`WebDriver ${method} ${path}: ${JSON.stringify(answer.value)}`);
     return answer.value;

@@ -7,8 +7,8 @@
 //           packages: ["twilio-video-2.5", "twilio-video", ...] }  (names in package.json)
 // For each package, in its own tab: `Video.connect` with `tracks: []`, then prints
 //   {"event":"connected","package":…,"sdk":<Video.version>,"roomSid":…,"identity":…}
-// (or {"event":"failed","code":…,"webrtc":<whether the engine has RTCPeerConnection>}, and then
-// on to the next) and waits for a command on stdin:
+// (or {"event":"failed","code":…,"webrtc":<whether the engine has RTCPeerConnection>}, after
+// which only `next` is accepted) and waits for a command on stdin:
 //   next          room.disconnect(); prints {"event":"disconnected",…} and goes on to the next
 //   reconnected?  waits up to 30 s for the room's `reconnected`; prints {"event":"reconnected",
 //                 "roomSid":…,"reconnecting_ms":…} (from `reconnecting` to `reconnected`) or
@@ -84,7 +84,10 @@ try {
       }
     }, spec);
     say({ package: pkg, ...result });
-    if (result.event === 'connected') {
+    if (result.event !== 'connected') {
+      // The test checks what the failure left behind before this tab goes.
+      if (await command() !== 'next') throw new Error('expected next');
+    } else {
       for (let c = await command(); c !== 'next'; c = await command()) {
         if (c !== 'reconnected?') throw new Error(`unknown command ${c}`);
         say({ package: pkg, ...await tab.evaluate(() => new Promise((resolve) => {
@@ -94,7 +97,8 @@ try {
               event: 'reconnected',
               roomSid: window.room.sid,
               state: window.room.state,
-              reconnecting_ms: Math.round(window.times.reconnected - window.times.reconnecting),
+              reconnecting_ms: window.times.reconnecting === null ? null
+                : Math.round(window.times.reconnected - window.times.reconnecting),
             });
           if (window.times.reconnected !== null) return answer();
           const timer = setTimeout(answer, 30000);
@@ -105,9 +109,9 @@ try {
         window.room.once('disconnected', (_, e) => resolve({ event: 'disconnected', error: e ? String(e) : null }));
         window.room.disconnect();
       })) });
-      // Let the SDK's bye and close frames leave before the tab goes.
-      await new Promise((r) => setTimeout(r, 300));
     }
+    // Let the SDK's bye and close frames leave before the tab goes.
+    await new Promise((r) => setTimeout(r, 300));
     await tab.close();
   }
   say({ event: 'done', browser: browser.version });

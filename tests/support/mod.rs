@@ -624,7 +624,8 @@ where
 }
 
 /// A browser script from tests/browser that runs while the test talks to it: JSON lines from its
-/// stdout, commands on its stdin.
+/// stdout, commands on its stdin. It runs in a process group of its own, which is killed whole
+/// when the `Script` is dropped, so a failed test leaves no browser, Xvfb or driver behind.
 pub struct Script {
     child: tokio::process::Child,
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
@@ -642,6 +643,7 @@ impl Script {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("node runs");
@@ -664,10 +666,26 @@ impl Script {
         match tokio::time::timeout(Duration::from_secs(60), self.lines.next_line()).await {
             Ok(Ok(Some(line))) => serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")),
             other => {
-                let _ = self.child.start_kill();
-                let stderr = (&mut self.stderr).await.unwrap_or_default();
+                self.kill_group();
+                let stderr = self.stderr_now().await;
                 panic!("the browser script ended without an event ({other:?}); its stderr:\n{stderr}");
             }
+        }
+    }
+
+    /// Kills the script and everything it started.
+    fn kill_group(&mut self) {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+        }
+    }
+
+    /// What the script wrote to stderr, waiting a little for the rest once it has been killed.
+    async fn stderr_now(&mut self) -> String {
+        match tokio::time::timeout(Duration::from_secs(5), &mut self.stderr).await {
+            Ok(Ok(text)) => text,
+            _ => "(stderr still open)".into(),
         }
     }
 
@@ -682,8 +700,15 @@ impl Script {
     pub async fn finish(mut self) {
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.expect("the browser script exits").unwrap();
         if !status.success() {
-            panic!("the browser script failed; its stderr:\n{}", self.stderr.await.unwrap_or_default());
+            self.kill_group();
+            panic!("the browser script failed; its stderr:\n{}", self.stderr_now().await);
         }
+    }
+}
+
+impl Drop for Script {
+    fn drop(&mut self) {
+        self.kill_group();
     }
 }
 
