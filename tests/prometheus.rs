@@ -408,7 +408,12 @@ async fn check_rules(prom: SocketAddr) {
                 | "SigrelayCertificateExpiring",
                 _,
             ) => assert!(fired, "{name} must fire on this load: {expr}"),
-            ("SigrelayNoSuccessfulHandshakes" | "SigrelayRecordsDropped" | "SigrelayNotReady" | "SigrelayDown", _) => {
+            // SigrelayLimitRefusals: the load's two over_max_connections refusals are some 3% of
+            // its attempts, under the alert's 10%; limits refusing now and then is their job.
+            (
+                "SigrelayNoSuccessfulHandshakes" | "SigrelayLimitRefusals" | "SigrelayRecordsDropped" | "SigrelayNotReady" | "SigrelayDown",
+                _,
+            ) => {
                 assert!(!fired, "{name} must be quiet on this load: {result:?}")
             }
             _ => panic!("a rule this test does not know: {name}"),
