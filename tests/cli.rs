@@ -403,7 +403,8 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
 }
 
 /// Under systemd (`Type=notify`), sigrelay says READY=1 on `NOTIFY_SOCKET` only once every
-/// accept thread accepts (the main listener's `/readyz` answers 200 when it arrives), brackets a
+/// accept thread accepts (the main listener's `/readyz` answers 200 when it arrives), with a
+/// STATUS= naming how many threads accept (what `systemctl status` shows), brackets a
 /// SIGHUP reload with RELOADING=1 and READY=1, and says STOPPING=1 when SIGTERM starts the drain.
 #[test]
 fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
@@ -434,6 +435,7 @@ fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
     let Running { mut child, addr, .. } = start(cmd);
     let ready = next(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l == "STATUS=accepting on 2 thread(s)"), "systemctl status names the threads: {ready:?}");
     // READY=1 was sent after every thread started accepting, so the listener answers ready now.
     let readyz = https_get(&addr, &pki.ca_file, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
