@@ -80,6 +80,8 @@ pub struct App {
     pub admin_addr: OnceLock<SocketAddr>,
     /// Set once every thread is accepting.
     accepting: AtomicBool,
+    /// What systemd is told (READY, RELOADING, STOPPING), kept in order.
+    pub systemd: crate::systemd::Notifier,
 }
 
 /// Why the relay could not start.
@@ -133,6 +135,7 @@ impl App {
             probes: ProbeCache::default(),
             admin_addr: OnceLock::new(),
             accepting: AtomicBool::new(false),
+            systemd: crate::systemd::Notifier::default(),
             current: ArcSwap::from_pointee(current),
         }))
     }

@@ -81,14 +81,19 @@ pub async fn run(
         let app = app.clone();
         tokio::spawn(async move {
             while let Some(config) = reloads.recv().await {
+                // systemd hears of a reload only while the relay is ready: before the accept
+                // threads are up the READY=1 that follows would claim start-up had finished, and
+                // during a drain it would undo STOPPING=1. The configuration is applied all the same.
+                let told = app.ready() && app.systemd.reloading();
+                let reloading = app.clone();
                 // File reads and key parsing stay off this thread, which also serves connections.
-                let app = app.clone();
-                crate::systemd::reloading();
-                match tokio::task::spawn_blocking(move || app.reload(config)).await.expect("reload does not panic") {
+                match tokio::task::spawn_blocking(move || reloading.reload(config)).await.expect("reload does not panic") {
                     Ok(()) => tracing::info!("configuration reloaded"),
                     Err(e) => tracing::error!("reload rejected, running configuration kept: {e}"),
                 }
-                crate::systemd::ready("configuration reloaded");
+                if told {
+                    app.systemd.ready("configuration reloaded");
+                }
             }
         })
     };
@@ -133,7 +138,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         }
     };
     app.set_accepting();
-    crate::systemd::ready(&format!("accepting on {threads} thread(s)"));
+    app.systemd.ready(&format!("accepting on {threads} thread(s)"));
     shutdown.await;
     drain(&app, &mut accepting).await;
     accepting.join().await;
@@ -147,7 +152,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
 /// The shutdown sequence; returns when every connection task has ended (or the grace ran out).
 async fn drain(app: &App, accepting: &mut Acceptors) {
     app.shutdown.drain.cancel();
-    crate::systemd::stopping("draining");
+    app.systemd.stopping("draining");
     accepting.stopped().await;
     app.tracker.close();
     let drain_timeout = app.current().config.server.drain_timeout;

@@ -16,13 +16,13 @@ use crate::config::{is_dev_cert_path, Config};
 #[derive(Debug, Error)]
 pub enum TlsError {
     #[error("{key}: {path}: {why}")]
-    File { key: &'static str, path: String, why: String },
+    File { key: String, path: String, why: String },
     #[error("building the TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
 
-fn file_error(key: &'static str, path: &Path, why: impl ToString) -> TlsError {
-    TlsError::File { key, path: path.display().to_string(), why: why.to_string() }
+fn file_error(key: &str, path: &Path, why: impl ToString) -> TlsError {
+    TlsError::File { key: key.to_string(), path: path.display().to_string(), why: why.to_string() }
 }
 
 /// ring for the record layer, certificates and signatures, aws-lc-rs for key exchange and
@@ -57,7 +57,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Reads a PEM certificate chain.
-pub fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(key, path, e))?
         .collect::<Result<Vec<_>, _>>()
@@ -69,7 +69,7 @@ pub fn load_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'
 }
 
 /// Reads a PEM private key (PKCS#8, PKCS#1 or SEC1).
-pub fn load_key(key: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(key, path, e))
 }
 
@@ -154,18 +154,20 @@ impl CertStore {
 
 impl CertSet {
     fn load(config: &Config) -> Result<CertSet, TlsError> {
-        let default = certified_key(&config.server.cert, &config.server.key)?;
+        let default = certified_key(&config.server.cert, &config.server.key, &Keys::default_pair())?;
         let extra = config
             .server
             .certs
             .iter()
-            .map(|pair| certified_key(&pair.cert, &pair.key))
+            .enumerate()
+            .map(|(i, pair)| certified_key(&pair.cert, &pair.key, &Keys::extra_pair(i)))
             .collect::<Result<Vec<_>, _>>()?;
         let mut expiry: Vec<(String, i64)> = Vec::new();
         // The first extra pair naming a host serves it, else the default pair (as `resolve`).
-        let paths = config.server.certs.iter().map(|p| &p.cert).chain(std::iter::once(&config.server.cert));
-        for (ck, path) in extra.iter().chain(std::iter::once(&default)).zip(paths) {
-            let (mut names, not_after) = names_and_expiry(ck, path)?;
+        let paths = config.server.certs.iter().enumerate().map(|(i, p)| (&p.cert, Keys::extra_pair(i)));
+        let paths = paths.chain(std::iter::once((&config.server.cert, Keys::default_pair())));
+        for (ck, (path, keys)) in extra.iter().chain(std::iter::once(&default)).zip(paths) {
+            let (mut names, not_after) = names_and_expiry(ck, path, &keys.cert)?;
             if names.is_empty() && Arc::ptr_eq(ck, &default) {
                 // Served to every name the others do not cover, and to clients that send no SNI.
                 names.push("-".into());
@@ -180,10 +182,28 @@ impl CertSet {
     }
 }
 
-/// The DNS names (wildcards included) and the `notAfter` (Unix seconds) of a pair's leaf.
-fn names_and_expiry(ck: &CertifiedKey, path: &Path) -> Result<(Vec<String>, i64), TlsError> {
-    let der = ck.end_entity_cert().map_err(|e| file_error("server.cert", path, e))?;
-    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| file_error("server.cert", path, e))?;
+/// The config keys a pair's problems are reported under: `server.cert`/`server.key` for the
+/// default pair, `server.certs[i].cert`/`.key` for the extra ones.
+struct Keys {
+    cert: String,
+    key: String,
+}
+
+impl Keys {
+    fn default_pair() -> Keys {
+        Keys { cert: "server.cert".into(), key: "server.key".into() }
+    }
+
+    fn extra_pair(i: usize) -> Keys {
+        Keys { cert: format!("server.certs[{i}].cert"), key: format!("server.certs[{i}].key") }
+    }
+}
+
+/// The DNS names (wildcards included) and the `notAfter` (Unix seconds) of a pair's leaf, read
+/// from `path` (the config key `name`).
+fn names_and_expiry(ck: &CertifiedKey, path: &Path, name: &str) -> Result<(Vec<String>, i64), TlsError> {
+    let der = ck.end_entity_cert().map_err(|e| file_error(name, path, e))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| file_error(name, path, e))?;
     let not_after = parsed.validity().not_after.timestamp();
     let names = webpki::EndEntityCert::try_from(der)
         .map(|ee| ee.valid_dns_names().map(str::to_string).collect())
@@ -191,15 +211,15 @@ fn names_and_expiry(ck: &CertifiedKey, path: &Path) -> Result<(Vec<String>, i64)
     Ok((names, not_after))
 }
 
-fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
-    let certs = load_certs("server.cert", cert)?;
-    let key_der = load_key("server.key", key)?;
+fn certified_key(cert: &Path, key: &Path, keys: &Keys) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = load_certs(&keys.cert, cert)?;
+    let key_der = load_key(&keys.key, key)?;
     let signing = provider()
         .key_provider
         .load_private_key(key_der)
-        .map_err(|e| file_error("server.key", key, e))?;
+        .map_err(|e| file_error(&keys.key, key, e))?;
     let ck = CertifiedKey::new(certs, signing);
-    ck.keys_match().map_err(|e| file_error("server.key", key, format!("does not match {}: {e}", cert.display())))?;
+    ck.keys_match().map_err(|e| file_error(&keys.key, key, format!("does not match {}: {e}", cert.display())))?;
     Ok(Arc::new(ck))
 }
 
@@ -383,5 +403,48 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::CertPair;
+
+    /// A self-signed pair written under `dir/<name>/certs/dev/`.
+    fn pair(dir: &Path, name: &str) -> CertPair {
+        let dev = dir.join(name).join("certs/dev");
+        let (cert, key) = (dev.join("cert.pem"), dev.join("key.pem"));
+        assert!(ensure_dev_cert(&cert, &key).unwrap());
+        CertPair { cert, key }
+    }
+
+    #[test]
+    fn a_broken_extra_pair_is_named_by_its_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (default, first, second) = (pair(dir.path(), "default"), pair(dir.path(), "a"), pair(dir.path(), "b"));
+        let mut config = Config::defaults();
+        config.server.cert = default.cert.clone();
+        config.server.key = default.key.clone();
+        let load_with = |config: &Config, certs: Vec<CertPair>| {
+            let mut config = config.clone();
+            config.server.certs = certs;
+            CertStore::load(&config).map(drop).unwrap_err().to_string()
+        };
+        let load = |certs| load_with(&config, certs);
+        let good = CertPair { cert: first.cert.clone(), key: first.key.clone() };
+        let missing = dir.path().join("missing.pem");
+
+        let e = load(vec![good.clone(), CertPair { cert: missing.clone(), key: second.key.clone() }]);
+        assert!(e.starts_with("server.certs[1].cert: "), "{e}");
+        let e = load(vec![good.clone(), CertPair { cert: second.cert.clone(), key: missing }]);
+        assert!(e.starts_with("server.certs[1].key: "), "{e}");
+        let e = load(vec![CertPair { cert: second.cert.clone(), key: first.key.clone() }]);
+        assert!(e.starts_with("server.certs[0].key: ") && e.contains("does not match"), "{e}");
+        // The default pair keeps its own keys.
+        let mut mismatched = config.clone();
+        mismatched.server.key = second.key.clone();
+        let e = load_with(&mismatched, vec![good]);
+        assert!(e.starts_with("server.key: ") && e.contains("does not match"), "{e}");
     }
 }

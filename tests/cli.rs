@@ -403,7 +403,8 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
 }
 
 /// Under systemd (`Type=notify`), sigrelay says READY=1 on `NOTIFY_SOCKET` only once every
-/// accept thread accepts (the main listener's `/readyz` answers 200 when it arrives), brackets a
+/// accept thread accepts (the main listener's `/readyz` answers 200 when it arrives), with a
+/// STATUS= naming how many threads accept (what `systemctl status` shows), brackets a
 /// SIGHUP reload with RELOADING=1 and READY=1, and says STOPPING=1 when SIGTERM starts the drain.
 #[test]
 fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
@@ -434,6 +435,7 @@ fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
     let Running { mut child, addr, .. } = start(cmd);
     let ready = next(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    assert!(ready.lines().any(|l| l == "STATUS=accepting on 2 thread(s)"), "systemctl status names the threads: {ready:?}");
     // READY=1 was sent after every thread started accepting, so the listener answers ready now.
     let readyz = https_get(&addr, &pki.ca_file, "/readyz");
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
@@ -449,4 +451,81 @@ fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
     let stopping = next(&socket);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(wait_with_timeout(&mut child, Duration::from_secs(20)).success());
+}
+
+/// A SIGHUP while a drain is under way is applied, but systemd hears nothing of it: READY=1
+/// after STOPPING=1 would tell systemd the stopping service is up again.
+#[test]
+fn a_reload_during_the_drain_sends_no_ready_after_stopping() {
+    use std::os::unix::net::UnixDatagram;
+
+    use futures_util::{SinkExt, StreamExt};
+    use sigrelay::tools::mock_gateway::Mode;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pki = support::Pki::new();
+    let gw = rt.block_on(support::Gateway::start(&pki, Mode::Echo));
+    let config = pki.dir.path().join("sigrelay.toml");
+    // A drain long enough for the reload to happen inside it.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\ndrain_timeout = \"4s\"\ndrain_jitter = \"0s\"\n\
+             [upstream]\nca_file = {:?}\nsystem_dns = false\n[admin]\nlisten = \"off\"\n\
+             [[routes]]\npath = \"/signaling\"\nupstream = \"wss://{{region}}.vss.twilio.com/signaling\"\nregion_from = [\"path\"]\ndefault_region = \"au1\"\n{}",
+            pki.relay_cert, pki.relay_key, pki.ca_file, support::resolve_all_to(gw.addr)
+        ),
+    )
+    .unwrap();
+    let socket_path = pki.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let next = |socket: &UnixDatagram| {
+        let mut buf = [0u8; 4096];
+        let n = socket.recv(&mut buf).expect("a notification in time");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--config"]).arg(&config).env("NOTIFY_SOCKET", &socket_path);
+    let Running { mut child, stderr: rx, addr, .. } = start(cmd);
+    let ready = next(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+
+    // A live relayed connection keeps the drain going for its drain_timeout.
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let _ws = rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(pki.client_tls())
+            .connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{port}/au1/signaling"), tls).await.unwrap();
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().to_text().unwrap(), "hi");
+        ws
+    });
+    let signal = |sig: &str| assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+    signal("-TERM");
+    let stopping = next(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    signal("-HUP");
+    // The reload is applied inside the drain (the log says so) ...
+    let mut log = Vec::new();
+    while !log.iter().any(|l: &String| l.contains("configuration reloaded")) {
+        log.push(rx.recv_timeout(Duration::from_secs(3)).unwrap_or_else(|_| panic!("no reload during the drain: {log:?}")));
+    }
+    assert!(!log.iter().any(|l| l.contains("drain timeout reached")), "the reload came after the drain: {log:?}");
+    assert!(wait_with_timeout(&mut child, Duration::from_secs(20)).success());
+    // ... and nothing was sent after STOPPING=1.
+    socket.set_nonblocking(true).unwrap();
+    let mut after = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = socket.recv(&mut buf) {
+        after.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        !after.iter().any(|d| d.lines().any(|l| l == "READY=1" || l == "RELOADING=1")),
+        "READY=1 or RELOADING=1 after STOPPING=1: {after:?}"
+    );
 }

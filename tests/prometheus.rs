@@ -203,11 +203,22 @@ fn now() -> f64 {
 /// Debian's Prometheus on 127.0.0.1, storage in `dir`, scraping `target` as job "sigrelay".
 struct Prometheus {
     addr: SocketAddr,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
 }
+
+/// How many ports Prometheus is given before the test gives up on binding one.
+const PROMETHEUS_BIND_TRIES: usize = 5;
 
 impl Prometheus {
     async fn start(dir: &Path, target: SocketAddr) -> Prometheus {
+        Prometheus::start_on(dir, target, None).await
+    }
+
+    /// Starts Prometheus on `first` if given, else on a port that was free a moment ago. The
+    /// port is only known free when it is picked: another process on this shared machine may
+    /// bind it before Prometheus does, so an "address already in use" exit is retried on a
+    /// fresh port, a bounded number of times.
+    async fn start_on(dir: &Path, target: SocketAddr, first: Option<SocketAddr>) -> Prometheus {
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
@@ -218,33 +229,66 @@ impl Prometheus {
             ),
         )
         .unwrap();
-        let addr = closed_port().await;
-        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
-        let child = tokio::process::Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("prometheus starts");
-        let prom = Prometheus { addr, _child: child };
-        let started = Instant::now();
-        loop {
-            if let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await {
-                let _ = tcp.write_all(format!("GET /-/ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await;
-                let mut out = Vec::new();
-                let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
-                if out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200") {
-                    return prom;
+        let mut next = first;
+        let mut said = Vec::new();
+        for attempt in 0..PROMETHEUS_BIND_TRIES {
+            let addr = match next.take() {
+                Some(a) => a,
+                None => closed_port().await,
+            };
+            let log_path = dir.join(format!("prometheus-{attempt}.log"));
+            let log = std::fs::File::create(&log_path).unwrap();
+            let child = tokio::process::Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!("--storage.tsdb.path={}", dir.join(format!("data-{attempt}")).display()))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdout(Stdio::null())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("prometheus starts");
+            let mut prom = Prometheus { addr, child };
+            let started = Instant::now();
+            loop {
+                if let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await {
+                    let _ = tcp.write_all(format!("GET /-/ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await;
+                    let mut out = Vec::new();
+                    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut out)).await;
+                    if out.starts_with(b"HTTP/1.0 200") || out.starts_with(b"HTTP/1.1 200") {
+                        return prom;
+                    }
                 }
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if prom.child.try_wait().unwrap().is_some() {
+                    assert!(log.contains("address already in use"), "prometheus exited:\n{log}");
+                    said.push(log);
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(30), "prometheus did not get ready:\n{log}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
-            assert!(started.elapsed() < Duration::from_secs(30), "prometheus did not get ready:\n{log}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        panic!("prometheus found no free port in {PROMETHEUS_BIND_TRIES} tries:\n{}", said.join("\n"));
     }
+}
+
+/// A port taken between the pick and Prometheus's bind: Prometheus exits with "address already
+/// in use", and the start goes on with a fresh port.
+#[tokio::test]
+async fn prometheus_start_retries_a_port_taken_before_it_binds() {
+    if !prometheus_ready() {
+        return;
+    }
+    let taken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let prom = Prometheus::start_on(dir.path(), closed_port().await, Some(taken_addr)).await;
+    assert_ne!(prom.addr, taken_addr);
+    let first = std::fs::read_to_string(dir.path().join("prometheus-0.log")).unwrap();
+    assert!(first.contains("address already in use"), "the first try met the taken port:\n{first}");
+    let v = api(prom.addr, "GET", "/api/v1/status/buildinfo", &[]).await;
+    assert_eq!(v["status"], "success", "{v}");
+    drop(taken);
 }
 
 /// A WebSocket through the relay that sends the SDK's hello with `token`; the handshake
@@ -408,7 +452,12 @@ async fn check_rules(prom: SocketAddr) {
                 | "SigrelayCertificateExpiring",
                 _,
             ) => assert!(fired, "{name} must fire on this load: {expr}"),
-            ("SigrelayNoSuccessfulHandshakes" | "SigrelayRecordsDropped" | "SigrelayNotReady" | "SigrelayDown", _) => {
+            // SigrelayLimitRefusals: the load's two over_max_connections refusals are some 3% of
+            // its attempts, under the alert's 10%; limits refusing now and then is their job.
+            (
+                "SigrelayNoSuccessfulHandshakes" | "SigrelayLimitRefusals" | "SigrelayRecordsDropped" | "SigrelayNotReady" | "SigrelayDown",
+                _,
+            ) => {
                 assert!(!fired, "{name} must be quiet on this load: {result:?}")
             }
             _ => panic!("a rule this test does not know: {name}"),

@@ -14,8 +14,11 @@ use std::time::Duration;
 const UNIT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config/systemd/sigrelay.service");
 const BIN: &str = env!("CARGO_BIN_EXE_sigrelay");
 
-/// The exposure score the README states; the test fails when the unit's score moves from it.
+/// The exposure score the README states, and the systemd it was measured with (Debian 12's).
+/// Under that systemd the test fails when the unit's score moves from it; other versions weigh
+/// the settings differently, so there only the `< 2.0` gate applies.
 const README_SCORE: &str = "1.5";
+const README_SYSTEMD: &str = "252";
 
 fn analyze_ready() -> bool {
     let found = Command::new("systemd-analyze").arg("--version").output().is_ok_and(|o| o.status.success());
@@ -70,9 +73,17 @@ fn the_unit_verifies_and_scores_below_2() {
     let verdict = words.next().unwrap();
     eprintln!("systemd-analyze security: exposure {score} {verdict}");
     assert!(score < 2.0 && verdict == "OK", "exposure {score} {verdict}:\n{report}");
-    assert_eq!(format!("{score:.1}"), README_SCORE, "update the score in the README and README_SCORE");
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    assert!(readme.contains(&format!("exposure level {README_SCORE} (\"OK\")")), "the README states the score");
+    let stated = format!("exposure level {README_SCORE} (\"OK\") under Debian 12's systemd {README_SYSTEMD}");
+    assert!(readme.contains(&stated), "the README states the score and the systemd it is for: {stated:?}");
+    let version = Command::new("systemd-analyze").arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&version.stdout);
+    let major = version.split_whitespace().nth(1).unwrap_or_else(|| panic!("no version in {version:?}"));
+    if major == README_SYSTEMD {
+        assert_eq!(format!("{score:.1}"), README_SCORE, "update the score in the README and README_SCORE");
+    } else {
+        eprintln!("systemd {major}, not {README_SYSTEMD}: the README's {README_SCORE} is not compared");
+    }
 }
 
 #[test]
