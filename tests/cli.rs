@@ -408,8 +408,6 @@ fn past_the_descriptor_limit_it_refuses_with_503_and_a_record() {
 /// SIGHUP reload with RELOADING=1 and READY=1, and says STOPPING=1 when SIGTERM starts the drain.
 #[test]
 fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
-    use std::os::unix::net::UnixDatagram;
-
     let pki = support::Pki::new();
     let config = pki.dir.path().join("sigrelay.toml");
     std::fs::write(
@@ -421,19 +419,12 @@ fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
         ),
     )
     .unwrap();
-    let socket_path = pki.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let next = |socket: &UnixDatagram| {
-        let mut buf = [0u8; 4096];
-        let n = socket.recv(&mut buf).expect("a notification in time");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    let (socket, socket_path) = notify_socket(&pki);
 
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "--config"]).arg(&config).env("NOTIFY_SOCKET", &socket_path);
     let Running { mut child, addr, .. } = start(cmd);
-    let ready = next(&socket);
+    let ready = next_notification(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     assert!(ready.lines().any(|l| l == "STATUS=accepting on 2 thread(s)"), "systemctl status names the threads: {ready:?}");
     // READY=1 was sent after every thread started accepting, so the listener answers ready now.
@@ -441,23 +432,37 @@ fn tells_systemd_ready_only_once_accepting_then_reloading_and_stopping() {
     assert!(readyz.starts_with("HTTP/1.1 200"), "{readyz}");
 
     assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
-    let reloading = next(&socket);
+    let reloading = next_notification(&socket);
     assert!(reloading.lines().any(|l| l == "RELOADING=1"), "{reloading:?}");
     assert!(reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")), "{reloading:?}");
-    let reloaded = next(&socket);
+    let reloaded = next_notification(&socket);
     assert!(reloaded.lines().any(|l| l == "READY=1"), "{reloaded:?}");
 
     assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let stopping = next(&socket);
+    let stopping = next_notification(&socket);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(wait_with_timeout(&mut child, Duration::from_secs(20)).success());
+}
+
+/// A datagram socket standing in for systemd's notify socket, in the test's directory.
+fn notify_socket(pki: &support::Pki) -> (std::os::unix::net::UnixDatagram, std::path::PathBuf) {
+    let path = pki.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    (socket, path)
+}
+
+/// The next notification sigrelay sent (within 20 s).
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification in time");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 /// A SIGHUP while a drain is under way is applied, but systemd hears nothing of it: READY=1
 /// after STOPPING=1 would tell systemd the stopping service is up again.
 #[test]
 fn a_reload_during_the_drain_sends_no_ready_after_stopping() {
-    use std::os::unix::net::UnixDatagram;
 
     use futures_util::{SinkExt, StreamExt};
     use sigrelay::tools::mock_gateway::Mode;
@@ -478,18 +483,11 @@ fn a_reload_during_the_drain_sends_no_ready_after_stopping() {
         ),
     )
     .unwrap();
-    let socket_path = pki.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let next = |socket: &UnixDatagram| {
-        let mut buf = [0u8; 4096];
-        let n = socket.recv(&mut buf).expect("a notification in time");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    let (socket, socket_path) = notify_socket(&pki);
     let mut cmd = Command::new(BIN);
     cmd.args(["run", "--config"]).arg(&config).env("NOTIFY_SOCKET", &socket_path);
     let Running { mut child, stderr: rx, addr, .. } = start(cmd);
-    let ready = next(&socket);
+    let ready = next_notification(&socket);
     assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
 
     // A live relayed connection keeps the drain going for its drain_timeout.
@@ -507,7 +505,7 @@ fn a_reload_during_the_drain_sends_no_ready_after_stopping() {
     });
     let signal = |sig: &str| assert!(Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
     signal("-TERM");
-    let stopping = next(&socket);
+    let stopping = next_notification(&socket);
     assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     signal("-HUP");
     // The reload is applied inside the drain (the log says so) ...

@@ -81,6 +81,14 @@ fn thread_connections(relay: &Relay) -> Vec<i64> {
     held.into_iter().map(|(_, n)| n).collect()
 }
 
+/// `n` connections counted over `threads` threads, no two more than two apart.
+fn assert_even(relay: &Relay, threads: usize, n: usize) {
+    let held = thread_connections(relay);
+    assert_eq!(held.len(), threads, "{held:?}");
+    assert_eq!(held.iter().sum::<i64>(), n as i64, "{held:?}");
+    assert!(held.iter().max().unwrap() - held.iter().min().unwrap() <= 2, "uneven: {held:?}");
+}
+
 #[tokio::test]
 async fn connections_are_spread_evenly_over_the_threads() {
     // The kernel's SO_REUSEPORT hash alone leaves 60 connections over 4 threads within two of
@@ -96,10 +104,7 @@ async fn connections_are_spread_evenly_over_the_threads() {
         assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
         sockets.push(ws);
     }
-    let held = thread_connections(&relay);
-    assert_eq!(held.len(), 4, "{held:?}");
-    assert_eq!(held.iter().sum::<i64>(), N as i64, "{held:?}");
-    assert!(held.iter().max().unwrap() - held.iter().min().unwrap() <= 2, "uneven: {held:?}");
+    assert_even(&relay, 4, N);
     drop(sockets);
     for _ in 0..500 {
         if thread_connections(&relay).iter().sum::<i64>() == 0 {
@@ -127,9 +132,7 @@ async fn a_burst_of_connections_is_spread_evenly_too() {
         }
     });
     let sockets = futures_util::future::join_all(opens).await;
-    let held = thread_connections(&relay);
-    assert_eq!(held.iter().sum::<i64>(), N as i64, "{held:?}");
-    assert!(held.iter().max().unwrap() - held.iter().min().unwrap() <= 2, "uneven: {held:?}");
+    assert_even(&relay, 4, N);
     drop(sockets);
 }
 

@@ -299,10 +299,11 @@ async fn a_tls_cut_is_an_orderly_end_a_silent_session_times_out_and_only_a_stun_
     assert_eq!((c["outcome"].as_str(), c["closed_by"].as_str(), c["error"].as_str()), (Some("client_closed"), Some("client"), None), "{c}");
 
     // One that goes quiet is closed once nothing has passed for [turn] idle_timeout.
+    // Timed from before the last message: its echo, the last byte to pass, comes after.
     let mut tls = relay.tls(&pki).await;
+    let quiet = std::time::Instant::now();
     tls.write_all(&stun_message(7)).await.unwrap();
     tls.read_exact(&mut echo).await.unwrap();
-    let quiet = std::time::Instant::now();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut rest)).await;
     assert!(quiet.elapsed() >= Duration::from_millis(300));

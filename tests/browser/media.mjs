@@ -100,12 +100,14 @@ try {
       new Promise((resolve) => setTimeout(() => resolve(false), s.connectTimeoutMs || 20000)),
     ]);
     out.connected = connected;
+    // The local candidate of the pair the transport selected. Read once the data has flowed:
+    // right after the channels open, the answering side's stats may not name it yet.
     const localOf = async (pc) => {
       const stats = await pc.getStats();
       let pair;
-      stats.forEach((r) => { if (r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') pair = r; });
-      if (!pair) return null;
-      return stats.get(pair.localCandidateId);
+      stats.forEach((r) => { if (r.type === 'transport' && r.selectedCandidatePairId) pair = stats.get(r.selectedCandidatePairId); });
+      if (!pair) stats.forEach((r) => { if (r.type === 'candidate-pair' && r.nominated && r.state === 'succeeded') pair = r; });
+      return pair ? stats.get(pair.localCandidateId) : null;
     };
     const gathered = async (pc) => {
       const stats = await pc.getStats();
@@ -118,10 +120,6 @@ try {
       a.close(); b.close();
       return out;
     }
-    const la = await localOf(a);
-    const lb = await localOf(b);
-    out.localTypes = [la && la.candidateType, lb && lb.candidateType];
-    out.relayProtocols = [la && la.relayProtocol, lb && lb.relayProtocol];
     // A byte pattern each way, checked byte for byte on arrival.
     const send = (channel, total, seed) => new Promise((resolve) => {
       let sent = 0;
@@ -163,6 +161,10 @@ try {
       const stats = await b.getStats();
       stats.forEach((r) => { if (r.type === 'inbound-rtp' && r.kind === 'video') out.videoBytes = r.bytesReceived; });
     }
+    const la = await localOf(a);
+    const lb = await localOf(b);
+    out.localTypes = [la && la.candidateType, lb && lb.candidateType];
+    out.relayProtocols = [la && la.relayProtocol, lb && lb.relayProtocol];
     a.close();
     b.close();
     stream.getTracks().forEach((t) => t.stop());
