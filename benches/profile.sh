@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Where sigrelay's CPU goes, by perf's cpu-clock sampling (Debian's linux-perf; this machine kind
+# has no hardware counters): sigrelay in front of `sigrelay mock-gateway --mode echo`, under
+# `sigrelay loadtest` in the echo scenario (1,000 connections at RATE msg/s, 256 B) or the
+# handshake scenario (32 concurrent cycles), 8 s of samples taken from the middle of the run,
+# grouped by benches/profile_groups.py. Loopback only; bounded in time.
+#   bash benches/profile.sh echo [BINARY] [RATE]
+#   bash benches/profile.sh churn [BINARY]
+# Writes target/bench/profile-<mode>.data (for `perf report -i`) and prints the groups.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?echo or churn}
+bin=${2:-target/release/sigrelay}
+rate=${3:-8500}
+command -v perf >/dev/null || { echo "profile.sh needs perf: apt-get install linux-perf" >&2; exit 1; }
+[ -x "$bin" ] || cargo build --release --locked --bin sigrelay
+mkdir -p target/bench
+out=target/bench/profile-$mode
+d=$(mktemp -d)
+trap 'kill $relay $gateway 2>/dev/null || true; rm -rf "$d"' EXIT
+python3 -c "import sys; sys.path.insert(0, 'benches'); import compare; compare.make_pki('$d')"
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+up=$(port); listen=$(port)
+"$bin" mock-gateway --mode echo --listen "127.0.0.1:$up" --cert "$d/leaf.pem" --key "$d/leaf.key" >/dev/null 2>&1 &
+gateway=$!
+cat > "$d/sigrelay.toml" <<TOML
+[server]
+listen = "127.0.0.1:$listen"
+cert = "$d/leaf.pem"
+key = "$d/leaf.key"
+[upstream]
+ca_file = "$d/ca.pem"
+system_dns = false
+[upstream.resolve]
+"au1.vss.twilio.com" = "127.0.0.1:$up"
+[admin]
+listen = "off"
+[limits]
+handshakes_per_ip_per_s = 1000000
+handshake_burst = 1000000
+TOML
+"$bin" run --config "$d/sigrelay.toml" --log warn >/dev/null 2>&1 &
+relay=$!
+python3 -c "import sys; sys.path.insert(0, 'benches'); from common import wait_port; wait_port($listen)"
+case $mode in
+    echo) load=(--mode echo -n 1000 --rate "$rate" --size 256 -d 14s -c 200) ;;
+    churn) load=(--mode churn -c 32 -d 12s) ;;
+    *) echo "mode: echo or churn" >&2; exit 2 ;;
+esac
+"$bin" loadtest "wss://127.0.0.1:$listen/au1/signaling" --ca-file "$d/ca.pem" --json "${load[@]}" \
+    --source-ip 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4 > "$out.loadtest.json" 2>/dev/null &
+load_pid=$!
+sleep 4
+perf record -e cpu-clock -F 1999 -g -p "$relay" -o "$out.data" -- sleep 8 >/dev/null 2>&1
+wait "$load_pid"
+python3 benches/profile_groups.py "$out.data"
