@@ -99,6 +99,15 @@ async fn relay_to(pki: &Pki, gw: &Gateway, coturn: &Coturn, turn_enabled: bool) 
     Relay::start_config_on(Relay::config(pki, "", "", "", &extra), listener).await
 }
 
+/// What Twilio's gateway lists in its `iced`: TURN over TLS and UDP, and STUN.
+fn twilio_ice() -> Vec<Value> {
+    vec![
+        json!({"urls": "turns:global.turn.twilio.com:443?transport=tcp", "username": TURN_USER, "credential": TURN_PASSWORD}),
+        json!({"urls": "turn:global.turn.twilio.com:3478?transport=udp", "username": TURN_USER, "credential": TURN_PASSWORD}),
+        json!({"urls": "stun:global.stun.twilio.com:3478"}),
+    ]
+}
+
 /// Runs tests/browser/media.mjs with `spec`; its one line of results.
 async fn run_page(spec: Value) -> Value {
     browser_script("media.mjs", &spec, Duration::from_secs(120)).await.pop().expect("a result line")
@@ -111,12 +120,7 @@ async fn a_call_behind_a_firewall_gets_its_media_through_the_relay() {
     }
     let pki = Pki::new();
     let coturn = Coturn::start(&pki).await;
-    let ice = vec![
-        json!({"urls": "turns:global.turn.twilio.com:443?transport=tcp", "username": TURN_USER, "credential": TURN_PASSWORD}),
-        json!({"urls": "turn:global.turn.twilio.com:3478?transport=udp", "username": TURN_USER, "credential": TURN_PASSWORD}),
-        json!({"urls": "stun:global.stun.twilio.com:3478"}),
-    ];
-    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, ice).await;
+    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, twilio_ice()).await;
     let mut relay = relay_to(&pki, &gw, &coturn, true).await;
     let public_url = format!("turns:localhost:{}?transport=tcp", relay.addr.port());
     let spec = json!({
@@ -194,12 +198,7 @@ async fn the_diag_page_finds_which_media_paths_work() {
     }
     let pki = Pki::new();
     let coturn = Coturn::start(&pki).await;
-    let ice = vec![
-        json!({"urls": "turns:global.turn.twilio.com:443?transport=tcp", "username": TURN_USER, "credential": TURN_PASSWORD}),
-        json!({"urls": "turn:global.turn.twilio.com:3478?transport=udp", "username": TURN_USER, "credential": TURN_PASSWORD}),
-        json!({"urls": "stun:global.stun.twilio.com:3478"}),
-    ];
-    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, ice).await;
+    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, twilio_ice()).await;
     let relay = relay_to(&pki, &gw, &coturn, true).await;
     let closed = closed_port().await;
     let lines = browser_script(

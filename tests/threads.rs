@@ -38,10 +38,7 @@ async fn every_thread_serves_and_drains_its_connections() {
     expect_threads(3, "three threads beside the caller's").await;
     let mut sockets = Vec::new();
     for i in 0..N {
-        let mut ws = relay.ws(&pki, "/au1/signaling").await;
-        send_text(&mut ws, &format!("hello {i}")).await;
-        assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
-        sockets.push(ws);
+        sockets.push(echoed(&relay, &pki, i).await);
     }
     relay.stop().await;
     for ws in &mut sockets {
@@ -81,6 +78,14 @@ fn thread_connections(relay: &Relay) -> Vec<i64> {
     held.into_iter().map(|(_, n)| n).collect()
 }
 
+/// A WebSocket through the relay that has echoed one message.
+async fn echoed(relay: &Relay, pki: &Pki, i: usize) -> Ws {
+    let mut ws = relay.ws(pki, "/au1/signaling").await;
+    send_text(&mut ws, &format!("hello {i}")).await;
+    assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
+    ws
+}
+
 /// `n` connections counted over `threads` threads, no two more than two apart.
 fn assert_even(relay: &Relay, threads: usize, n: usize) {
     let held = thread_connections(relay);
@@ -99,10 +104,7 @@ async fn connections_are_spread_evenly_over_the_threads() {
     let relay = Relay::to_gateway(&pki, &gw, "threads = 4").await;
     let mut sockets = Vec::new();
     for i in 0..N {
-        let mut ws = relay.ws(&pki, "/au1/signaling").await;
-        send_text(&mut ws, &format!("hello {i}")).await;
-        assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
-        sockets.push(ws);
+        sockets.push(echoed(&relay, &pki, i).await);
     }
     assert_even(&relay, 4, N);
     drop(sockets);
@@ -122,16 +124,7 @@ async fn a_burst_of_connections_is_spread_evenly_too() {
     let pki = Pki::new();
     let gw = Gateway::start(&pki, Mode::Echo).await;
     let relay = Relay::to_gateway(&pki, &gw, "threads = 4").await;
-    let opens = (0..N).map(|i| {
-        let (relay, pki) = (&relay, &pki);
-        async move {
-            let mut ws = relay.ws(pki, "/au1/signaling").await;
-            send_text(&mut ws, &format!("hello {i}")).await;
-            assert_eq!(next_data(&mut ws).await.to_text().unwrap(), format!("hello {i}"));
-            ws
-        }
-    });
-    let sockets = futures_util::future::join_all(opens).await;
+    let sockets = futures_util::future::join_all((0..N).map(|i| echoed(&relay, &pki, i))).await;
     assert_even(&relay, 4, N);
     drop(sockets);
 }
