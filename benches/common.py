@@ -4,7 +4,8 @@ import socket
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIGRELAY = os.path.join(ROOT, "target", "release", "sigrelay")
+# SIGRELAY_BIN runs another build (an A/B of two commits); the default is this checkout's.
+SIGRELAY = os.environ.get("SIGRELAY_BIN") or os.path.join(ROOT, "target", "release", "sigrelay")
 
 
 def free_port():

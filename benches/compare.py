@@ -427,6 +427,9 @@ def main():
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--rate", type=int, help="the echo scenario's rate (default: calibrated, see calibrate())")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
+    ap.add_argument("--only", metavar="NAMES", help="comma-separated targets to run (e.g. sigrelay,nginx); default all")
+    ap.add_argument("--scenarios", metavar="NAMES", default="idle,churn,echo,saturation",
+                    help="comma-separated scenarios to run (default: all four)")
     ap.add_argument("--render", metavar="JSONL", help="only rewrite results.md and the plot from a results.jsonl")
     args = ap.parse_args()
     if args.render:
@@ -447,18 +450,21 @@ def main():
     wait_port(up_port)
     rows = []
     try:
-        cfg["rate"] = args.rate or calibrate(d, up_port)
-        print(f"echo scenario rate: {cfg['rate']} msg/s over 1,000 connections"
-              f"{' (given)' if args.rate else ' (calibrated)'}", flush=True)
+        if "echo" in args.scenarios.split(","):
+            cfg["rate"] = args.rate or calibrate(d, up_port)
+            print(f"echo scenario rate: {cfg['rate']} msg/s over 1,000 connections"
+                  f"{' (given)' if args.rate else ' (calibrated)'}", flush=True)
         for rnd in range(rounds):
             # Fresh proxies every round: an allocator keeps freed memory, so a second idle
             # measurement in the same process would read near zero.
             targets = start_targets(d, up_port)
             try:
-                for scen in ["idle", "churn", "echo", "saturation"]:
+                for scen in args.scenarios.split(","):
                     order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
                     for t in order:
                         if t.name in CHURN_ONLY and scen != "churn":
+                            continue
+                        if args.only and t.name not in args.only.split(","):
                             continue
                         row = scenario(scen, t, f"{d}/ca.pem", cfg)
                         row["round"] = rnd

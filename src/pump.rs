@@ -665,7 +665,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         tokio::pin!(stopped);
         if !initial.is_empty() {
             let (n, stop) = self.scanner.scan(&initial);
-            if let Some(end) = self.forward(&initial, n, stop, shared, stopped.as_mut()).await {
+            if let Some(end) = Box::pin(self.forward(&initial, n, stop, shared, stopped.as_mut())).await {
                 return end;
             }
             let rest = &initial[n..];
@@ -686,7 +686,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 r = pool::read(&mut self.reader, &mut self.buf, self.end) => r,
                 _ = &mut stopped => return DirEnd::Stopped,
                 _ = tick(&mut self.ping_timer) => {
-                    if let Some(end) = self.ping(shared, stopped.as_mut()).await {
+                    if let Some(end) = Box::pin(self.ping(shared, stopped.as_mut())).await {
                         return end;
                     }
                     continue;
@@ -699,7 +699,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             shared.seen(self.scanner.from).store(shared.now_ms(), Ordering::Relaxed);
             let chunk = self.buf.take().expect("a read that returned bytes holds a buffer");
             let (n, stop) = self.scanner.scan(&chunk[self.start..self.end]);
-            let result = self.forward(&chunk[self.start..self.end], n, stop, shared, stopped.as_mut()).await;
+            // Boxed: a write that waits is the exception, and sizing the connection's future for
+            // one would cost every idle connection its state (a few hundred bytes a direction);
+            // the box costs one small allocation per forwarded read.
+            let result = Box::pin(self.forward(&chunk[self.start..self.end], n, stop, shared, stopped.as_mut())).await;
             self.start += n;
             if self.start == self.end {
                 (self.start, self.end) = (0, 0);

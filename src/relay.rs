@@ -37,25 +37,37 @@ pub struct Accepted {
 type Client = TokioIo<Upgraded>;
 
 /// Runs one relayed connection to its end.
-pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
+pub fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> impl std::future::Future<Output = ()> + Send {
+    // Two futures, each boxed: the set-up (the 101, the first message, the gateway's TLS and
+    // HTTP handshakes, the ICE watch) is large and short-lived, the pump smaller and long-lived.
+    // One future holding both would be sized for the first for the life of the connection (and
+    // an `async fn` would keep a copy of its arguments for as long).
+    let set_up = Box::pin(set_up(app, upgrade, accepted));
+    async move {
+        if let Some(relaying) = set_up.await {
+            relaying.await
+        }
+    }
+}
+
+/// The pump's future, ready to run once the gateway is connected.
+type Relaying = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Everything before the pump: returns it, or `None` when the connection already ended (its
+/// records written).
+async fn set_up(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> Option<Relaying> {
     let Accepted { pending, current, request, headers, permit, over } = accepted;
     // The 101 must reach the browser within handshake_timeout: a client that stops reading
     // would otherwise hold this task and its limit permit forever.
-    let Some((mut pending, mut client)) = pending.upgraded(upgrade, current.config.server.handshake_timeout).await else {
-        return;
-    };
+    let (mut pending, mut client) = pending.upgraded(upgrade, current.config.server.handshake_timeout).await?;
     if let Some(outcome) = over {
-        return pending.reject(&mut client, outcome, format!("limit reached: {outcome}")).await;
+        pending.reject(&mut client, outcome, format!("limit reached: {outcome}")).await;
+        return None;
     }
-    let connected = {
-        // Boxed so its state (TLS and HTTP handshakes) is freed once connected, instead of
-        // sizing the long-lived task for it.
-        let connecting = Box::pin(connect(&app, &mut client, pending.record_mut(), &current, &request, headers));
-        tokio::select! {
-            c = connecting => Some(c),
-            // The pump watches for shutdown itself; this is only the connecting phase.
-            _ = app.shutdown.close.cancelled() => None,
-        }
+    let connected = tokio::select! {
+        c = connect(&app, &mut client, pending.record_mut(), &current, &request, headers) => Some(c),
+        // The pump watches for shutdown itself; this is only the connecting phase.
+        _ = app.shutdown.close.cancelled() => None,
     };
     match connected {
         Some(Ok((mut upstream, mut first))) => {
@@ -70,12 +82,19 @@ pub async fn run(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) {
                 app.metrics.count_messages(side, msgs, bytes);
             }
             if watched.client_stalled {
-                return stalled(session, upstream).await;
+                stalled(session, upstream).await;
+                return None;
             }
-            pump_until_closed(&app, client, upstream, first, session, &current).await
+            Some(Box::pin(pump_until_closed(app, client, upstream, first.bytes, session, current)))
         }
-        Some(Err((outcome, why))) => pending.reject(&mut client, outcome, why).await,
-        None => pending.reject(&mut client, Outcome::Shutdown, "relay is shutting down").await,
+        Some(Err((outcome, why))) => {
+            pending.reject(&mut client, outcome, why).await;
+            None
+        }
+        None => {
+            pending.reject(&mut client, Outcome::Shutdown, "relay is shutting down").await;
+            None
+        }
     }
 }
 
@@ -219,34 +238,38 @@ fn note_decision(r: &mut HandshakeRecord, decision: &route::Decision) {
     r.region_mismatch = t.region_mismatch;
 }
 
-/// Runs the pump until the connection ends, then writes the close record.
-async fn pump_until_closed(app: &Arc<App>, client: Client, upstream: Connected, first: FirstMessage, session: OpenSession, current: &Current) {
-    let server = &current.config.server;
-    let opts = PumpOptions {
-        max_message_size: server.max_message_size,
-        conn_id: session.conn_id(),
-        ping_interval: server.ping_interval,
-        idle_timeout: server.idle_timeout,
-        drain_jitter: server.drain_jitter,
-        metrics: Some(&app.metrics),
-    };
-    let end = pump::run(
-        tokio::io::split(client),
-        tokio::io::split(upstream.io),
-        pump::Initial { client: first.bytes, upstream: upstream.leftover },
-        &opts,
-        session.counters(),
-        &app.shutdown.close,
-        session.operator(),
-    )
-    .await;
-    tracing::debug!(outcome = %end.ending.outcome(), "relay ended");
-    let closing = Closing {
-        outcome: end.ending.outcome(),
-        closed_by: end.ending.closed_by(),
-        close_code: end.close_code,
-        close_reason: end.close_reason,
-        error: end.error,
-    };
-    session.finish(closing);
+/// Runs the pump until the connection ends, then writes the close record. Not an `async fn`:
+/// an `async fn` keeps a second copy of its arguments for the life of its future, and this one
+/// lives as long as the connection.
+fn pump_until_closed(app: Arc<App>, client: Client, upstream: Connected, first: Vec<u8>, session: OpenSession, current: Arc<Current>) -> impl std::future::Future<Output = ()> {
+    async move {
+        let server = &current.config.server;
+        let opts = PumpOptions {
+            max_message_size: server.max_message_size,
+            conn_id: session.conn_id(),
+            ping_interval: server.ping_interval,
+            idle_timeout: server.idle_timeout,
+            drain_jitter: server.drain_jitter,
+            metrics: Some(&app.metrics),
+        };
+        let end = pump::run(
+            tokio::io::split(client),
+            tokio::io::split(upstream.io),
+            pump::Initial { client: first, upstream: upstream.leftover },
+            &opts,
+            session.counters(),
+            &app.shutdown.close,
+            session.operator(),
+        )
+        .await;
+        tracing::debug!(outcome = %end.ending.outcome(), "relay ended");
+        let closing = Closing {
+            outcome: end.ending.outcome(),
+            closed_by: end.ending.closed_by(),
+            close_code: end.close_code,
+            close_reason: end.close_reason,
+            error: end.error,
+        };
+        session.finish(closing);
+    }
 }
