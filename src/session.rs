@@ -201,7 +201,7 @@ impl PendingHandshake {
                 gauge,
             )
         });
-        OpenSession { app, close: Some(close), live, counters, operator, opened: Instant::now(), _permit: permit }
+        OpenSession { app, close: Some(close), live, counters, operator, opened: Instant::now(), permit }
     }
 
     /// Waits for hyper to hand over the upgraded connection, which happens once the 101 has
@@ -275,7 +275,7 @@ pub struct OpenSession {
     counters: Arc<Counters>,
     operator: CancellationToken,
     opened: Instant,
-    _permit: Option<Permit>,
+    permit: Option<Permit>,
 }
 
 impl OpenSession {
@@ -301,8 +301,10 @@ impl OpenSession {
 
     fn write(&mut self, closing: Closing) {
         let Some(mut close) = self.close.take() else { return };
-        // Off /connections and the live gauge before the close record says the connection ended.
+        // Off /connections, the live gauge and the limits before the close record says the
+        // connection ended, so a client that reads the record and reconnects is not refused.
         drop(self.live.take());
+        drop(self.permit.take());
         let c = &self.counters;
         close.outcome = Some(closing.outcome);
         close.closed_by = Some(closing.closed_by);
