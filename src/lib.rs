@@ -21,6 +21,7 @@ pub mod diag;
 pub mod first_message;
 pub mod forwarded;
 pub mod frame;
+pub mod gateway_tls;
 pub mod healthcheck;
 pub mod ice;
 pub mod limits;

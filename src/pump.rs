@@ -870,8 +870,11 @@ pub(crate) mod pool {
         FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
     }
 
-    /// Gives a buffer back to this thread's pool.
+    /// Gives a buffer back to this thread's pool (one of another size is freed).
     pub fn give(buf: Box<[u8]>) {
+        if buf.len() != BUF_SIZE {
+            return;
+        }
         FREE.with(|f| {
             let mut free = f.borrow_mut();
             if free.len() < KEPT {

@@ -12,8 +12,7 @@ use thiserror::Error;
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use crate::gateway_tls::{self, GatewayTls};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::Config;
@@ -130,7 +129,7 @@ pub struct ForwardHeaders {
 pub struct Connected {
     /// Boxed: a TLS stream is large, and inline it would be copied into several states of every
     /// connection task's future, costing kilobytes per idle connection.
-    pub io: Box<TlsStream<TcpStream>>,
+    pub io: Box<GatewayTls>,
     /// What the gateway sent after its 101, not yet relayed.
     pub leftover: Vec<u8>,
     pub addr: SocketAddr,
@@ -139,9 +138,9 @@ pub struct Connected {
 /// Opens gateway connections.
 #[derive(Clone)]
 pub struct Connector {
-    tls: TlsConnector,
+    tls: Arc<rustls::ClientConfig>,
     /// The same trust, without ALPN: for the TURN upstream.
-    tls_no_alpn: TlsConnector,
+    tls_no_alpn: Arc<rustls::ClientConfig>,
     resolve: Arc<BTreeMap<String, SocketAddr>>,
     /// `None` when `system_dns` is off: only `resolve` and IP literals are reachable.
     dns: Option<TokioResolver>,
@@ -157,8 +156,8 @@ impl Connector {
         let mut no_alpn = (*tls).clone();
         no_alpn.alpn_protocols.clear();
         Ok(Connector {
-            tls: TlsConnector::from(tls),
-            tls_no_alpn: TlsConnector::from(Arc::new(no_alpn)),
+            tls,
+            tls_no_alpn: Arc::new(no_alpn),
             resolve: Arc::new(u.resolve.clone()),
             dns: if u.system_dns { Some(resolver(u)?) } else { None },
             timeout: u.connect_timeout,
@@ -202,7 +201,7 @@ impl Connector {
     /// A TLS connection to `target` with no ALPN, as Chromium's TURN-over-TLS client opens one
     /// (the TURN relay's upstream), `first` sent in the same write as the TLS Finished; each
     /// phase timed, all within `connect_timeout`.
-    pub async fn connect_tls(&self, target: &UpstreamTarget, first: &[u8], timings: &mut Timings) -> Result<(TlsStream<TcpStream>, SocketAddr), UpstreamError> {
+    pub async fn connect_tls(&self, target: &UpstreamTarget, first: &[u8], timings: &mut Timings) -> Result<(GatewayTls, SocketAddr), UpstreamError> {
         let started = Instant::now();
         let mut phase = Phase::Dns;
         let attempt = self.tls_phases(&self.tls_no_alpn, target, &mut phase, timings, first);
@@ -216,12 +215,12 @@ impl Connector {
     /// leave with the client's Finished (one segment and one wake-up fewer per connection).
     async fn tls_phases(
         &self,
-        tls: &TlsConnector,
+        tls: &Arc<rustls::ClientConfig>,
         target: &UpstreamTarget,
         phase: &mut Phase,
         timings: &mut Timings,
         early: &[u8],
-    ) -> Result<(TlsStream<TcpStream>, SocketAddr), UpstreamError> {
+    ) -> Result<(GatewayTls, SocketAddr), UpstreamError> {
         // Through a proxy, DNS and TCP are for the proxy; the proxy resolves the gateway.
         let (host, port) = match &self.proxy {
             Some((h, p)) => (h.as_str(), *p),
@@ -254,17 +253,7 @@ impl Connector {
 
         *phase = Phase::Tls;
         let t = Instant::now();
-        let mut queued = Ok(());
-        let io = tls
-            .connect_with(target.server_name.clone(), tcp, |conn| {
-                if !early.is_empty() {
-                    queued = std::io::Write::write_all(&mut conn.writer(), early);
-                }
-            })
-            .await
-            .map_err(UpstreamError::tls)?;
-        // Only bytes past rustls's 64 KiB plaintext buffer could fail to queue.
-        queued.map_err(|e| UpstreamError::Protocol(format!("first bytes not sent: {e}")))?;
+        let io = gateway_tls::connect(tls.clone(), target.server_name.clone(), tcp, early).await.map_err(UpstreamError::tls)?;
         timings.tls = Some(t.elapsed());
         Ok((io, addr))
     }
