@@ -3,9 +3,8 @@
 //! (rustls's buffered API keeps a 4 KiB receive buffer per connection for its whole life.)
 //!
 //! [`connect`] runs the handshake, sending the caller's first bytes with the client's Finished;
-//! [`GatewayTls`] is then an ordinary `AsyncRead + AsyncWrite` stream. Records are decrypted in
-//! place in the receive buffer and copied straight into the reader's buffer; only what does not
-//! fit is kept aside.
+//! [`GatewayTls`] is then an ordinary `AsyncRead + AsyncWrite` stream. Decrypted records are
+//! copied straight into the reader's buffer; only what does not fit is kept aside.
 
 use std::future::poll_fn;
 use std::io;
@@ -22,12 +21,16 @@ use tokio::net::TcpStream;
 
 use crate::pump::pool;
 
-/// A TLS record's header: type, version, length.
-const RECORD_HEADER: usize = 5;
 /// The most plaintext put in one record.
 const MAX_FRAGMENT: usize = 16 * 1024;
-/// Room asked for beyond a record's plaintext: header, content type, AEAD tag, with margin.
-const RECORD_OVERHEAD: usize = 64;
+/// Room asked for beyond a record's plaintext: header, content type or explicit nonce, AEAD tag
+/// (22 bytes for TLS 1.3, 29 for TLS 1.2's AES-GCM).
+const RECORD_OVERHEAD: usize = 32;
+/// The most plaintext encrypted per write: a record that fits a pool buffer.
+const MAX_WRITE: usize = crate::pump::BUF_SIZE - RECORD_OVERHEAD;
+/// The most TLS bytes held unprocessed: a handshake message may span records up to rustls's
+/// 64 KiB limit, a record 18 KiB.
+const MAX_HELD: usize = 96 * 1024;
 
 /// A client TLS stream to a gateway.
 pub struct GatewayTls {
@@ -63,9 +66,16 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
     };
     let mut first_sent = first.is_empty();
     loop {
-        let GatewayTls { conn, incoming, outgoing, .. } = &mut s;
-        let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.filled());
-        let next = match state.map_err(tls_error)? {
+        let GatewayTls { conn, incoming, outgoing, plaintext, .. } = &mut s;
+        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
+        let state = match state {
+            Ok(state) => state,
+            Err(e) => {
+                incoming.consume(discard);
+                return Err(tls_error(e));
+            }
+        };
+        let next = match state {
             ConnectionState::EncodeTlsData(mut e) => {
                 fill(outgoing, RECORD_OVERHEAD, |out| e.encode(out).map_err(encode_error))?;
                 Next::Again
@@ -89,8 +99,16 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
                 }
                 Next::Done
             }
-            // The gateway has already sent application data; the reader gets it.
-            ConnectionState::ReadTraffic(_) => Next::Done,
+            // The gateway's first bytes came in the same read as its Finished: set aside for the
+            // reader, and on with the handshake (the first bytes may not have gone yet).
+            ConnectionState::ReadTraffic(mut r) => {
+                while let Some(record) = r.next_record() {
+                    let record = record.map_err(tls_error)?;
+                    discard += record.discard;
+                    plaintext.extend_from_slice(record.payload);
+                }
+                Next::Again
+            }
             ConnectionState::PeerClosed | ConnectionState::Closed => {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the gateway closed during the TLS handshake"));
             }
@@ -139,9 +157,16 @@ impl GatewayTls {
     /// decrypted records there (what does not fit is set aside).
     fn process(&mut self, mut out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
         loop {
-            let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, .. } = self;
+            let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
             let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
-            let done = match state.map_err(tls_error)? {
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    incoming.consume(discard);
+                    return Err(tls_error(e));
+                }
+            };
+            let done = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
                         let record = record.map_err(tls_error)?;
@@ -167,7 +192,7 @@ impl GatewayTls {
                 }
                 ConnectionState::WriteTraffic(mut w) => match write {
                     Some(data) => {
-                        let n = data.len().min(MAX_FRAGMENT);
+                        let n = data.len().min(MAX_WRITE);
                         fill(outgoing, n + RECORD_OVERHEAD, |buf| w.encrypt(&data[..n], buf).map_err(encrypt_error))?;
                         Some(Processed::Wrote(n))
                     }
@@ -181,7 +206,20 @@ impl GatewayTls {
                     None => Some(Processed::NeedRead),
                 },
                 ConnectionState::BlockedHandshake => Some(Processed::NeedRead),
-                ConnectionState::PeerClosed | ConnectionState::Closed => Some(Processed::Closed),
+                // Said once: the gateway sent its close_notify. Writing may go on (the next
+                // state is the write state until the relay sends its own close_notify).
+                ConnectionState::PeerClosed => {
+                    *peer_closed = true;
+                    if write.is_none() && !close {
+                        Some(Processed::Closed)
+                    } else {
+                        None
+                    }
+                }
+                ConnectionState::Closed => {
+                    *peer_closed = true;
+                    Some(Processed::Closed)
+                }
                 _ => return Err(io::Error::other("unexpected TLS state")),
             };
             incoming.consume(discard);
@@ -194,7 +232,7 @@ impl GatewayTls {
     /// Reads more TLS bytes from the gateway into the receive buffer (borrowed from the pool
     /// for the read, and given back if nothing came). Returns the bytes read; 0 at the end.
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let want = self.incoming.record_room();
+        let want = self.incoming.read_room()?;
         let spare = self.incoming.spare(want);
         let mut read = ReadBuf::new(spare);
         let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut read);
@@ -252,7 +290,13 @@ impl AsyncRead for GatewayTls {
                         return Poll::Ready(Err(e));
                     }
                     if ready!(this.poll_read_tls(cx))? == 0 {
+                        // As tokio-rustls says it: the end of the stream without a close_notify
+                        // may be a truncation.
                         this.read_closed = true;
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the gateway closed the connection without sending TLS close_notify",
+                        )));
                     }
                 }
                 Processed::Closed => this.read_closed = true,
@@ -269,6 +313,9 @@ impl AsyncWrite for GatewayTls {
         ready!(this.poll_flush_outgoing(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
+        }
+        if this.close_sent {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the TLS session to the gateway was closed")));
         }
         loop {
             match this.process(None, Some(data), false)? {
@@ -296,13 +343,9 @@ impl AsyncWrite for GatewayTls {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.close_sent {
-            loop {
-                match this.process(None, None, true) {
-                    Ok(Processed::Plaintext) => {}
-                    // Closed already, or broken: there is no close_notify to send.
-                    Ok(_) | Err(_) => break,
-                }
-            }
+            // Records set aside come back as plaintext; anything else means the close_notify
+            // is queued, or there is none to send (closed already, or broken).
+            while let Ok(Processed::Plaintext) = this.process(None, None, true) {}
             this.close_sent = true;
         }
         ready!(this.poll_flush_outgoing(cx))?;
@@ -330,17 +373,16 @@ impl Bytes {
         }
     }
 
-    /// How much to read next: the rest of a record whose header is held, else a buffer's worth.
-    fn record_room(&mut self) -> usize {
+    /// How much room to read into next: what is left of the buffer, or as much again as it
+    /// holds when that is little (a record or handshake message longer than a buffer).
+    fn read_room(&self) -> io::Result<usize> {
         let held = self.end - self.start;
-        let filled = self.filled();
-        if filled.len() >= RECORD_HEADER {
-            let len = RECORD_HEADER + u16::from_be_bytes([filled[3], filled[4]]) as usize;
-            if len > held {
-                return len - held;
-            }
+        if held >= MAX_HELD {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "the gateway's TLS message is too long"));
         }
-        crate::pump::BUF_SIZE.saturating_sub(held).max(RECORD_HEADER)
+        let cap = self.buf.as_ref().map_or(crate::pump::BUF_SIZE, |b| b.len());
+        let left = cap - held;
+        Ok(if left >= 1024 { left } else { cap })
     }
 
     /// Room for at least `more` bytes after what is held (moved to the front first).
@@ -382,10 +424,10 @@ impl Bytes {
 
 /// Writes into the room after `out`'s bytes with `f`, making more room when `f` says it needs
 /// it (rustls names the size).
-fn fill(out: &mut Bytes, room: usize, mut f: impl FnMut(&mut [u8]) -> Result<usize, Sized>) -> io::Result<()> {
+fn fill(out: &mut Bytes, room: usize, mut f: impl FnMut(&mut [u8]) -> Result<usize, NoRoom>) -> io::Result<()> {
     let written = match f(out.spare(room)) {
         Ok(n) => n,
-        Err(Sized::Needs(required)) => f(out.spare(required)).map_err(Sized::into_io)?,
+        Err(NoRoom::Needs(required)) => f(out.spare(required)).map_err(NoRoom::into_io)?,
         Err(e) => return Err(e.into_io()),
     };
     out.commit(written);
@@ -401,35 +443,132 @@ fn encrypt_all(out: &mut Bytes, data: &[u8], mut f: impl FnMut(&[u8], &mut [u8])
 }
 
 /// Why rustls could not write into a buffer.
-enum Sized {
+enum NoRoom {
     Needs(usize),
     Other(String),
 }
 
-impl Sized {
+impl NoRoom {
     fn into_io(self) -> io::Error {
         match self {
-            Sized::Needs(n) => io::Error::other(format!("TLS buffer still too small for {n} bytes")),
-            Sized::Other(why) => io::Error::other(why),
+            NoRoom::Needs(n) => io::Error::other(format!("TLS buffer still too small for {n} bytes")),
+            NoRoom::Other(why) => io::Error::other(why),
         }
     }
 }
 
-fn encode_error(e: EncodeError) -> Sized {
+fn encode_error(e: EncodeError) -> NoRoom {
     match e {
-        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => Sized::Needs(required_size),
-        e => Sized::Other(e.to_string()),
+        EncodeError::InsufficientSize(InsufficientSizeError { required_size }) => NoRoom::Needs(required_size),
+        e => NoRoom::Other(e.to_string()),
     }
 }
 
-fn encrypt_error(e: EncryptError) -> Sized {
+fn encrypt_error(e: EncryptError) -> NoRoom {
     match e {
-        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => Sized::Needs(required_size),
-        e => Sized::Other(e.to_string()),
+        EncryptError::InsufficientSize(InsufficientSizeError { required_size }) => NoRoom::Needs(required_size),
+        e => NoRoom::Other(e.to_string()),
     }
 }
 
 /// A TLS failure as tokio-rustls reports it: `InvalidData` with the `rustls::Error` inside.
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A TLS 1.3 server on loopback (tokio-rustls) and a client config that trusts it.
+    async fn server_and_client(versions: &[&'static rustls::SupportedProtocolVersion], ca: &str) -> (tokio::net::TcpListener, tokio_rustls::TlsAcceptor, Arc<ClientConfig>) {
+        let ca = crate::tools::pki::TestCa::new(ca).unwrap();
+        let leaf = ca.leaf(&["gw.test".to_string()]).unwrap();
+        let certs = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+        let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        (listener, tokio_rustls::TlsAcceptor::from(Arc::new(server)), Arc::new(client))
+    }
+
+    async fn roundtrip(versions: &[&'static rustls::SupportedProtocolVersion]) {
+        let (listener, acceptor, client) = server_and_client(versions, "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        // Longer than a pool buffer and than a TLS record, both ways.
+        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let expect = big.clone();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut first = [0u8; 5];
+            tls.read_exact(&mut first).await.unwrap();
+            assert_eq!(&first, b"hello");
+            let mut got = vec![0; expect.len()];
+            tls.read_exact(&mut got).await.unwrap();
+            assert!(got == expect, "the server got the client's bytes unchanged");
+            tls.write_all(&got).await.unwrap();
+            // close_notify, then wait for the client's bytes after it, then its close_notify.
+            tls.shutdown().await.unwrap();
+            let mut after = Vec::new();
+            tls.read_to_end(&mut after).await.unwrap();
+            after
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"hello").await.unwrap();
+        gw.write_all(&big).await.unwrap();
+        gw.flush().await.unwrap();
+        let mut echoed = vec![0; big.len()];
+        gw.read_exact(&mut echoed).await.unwrap();
+        assert!(echoed == big, "the echo came back unchanged");
+        let mut rest = Vec::new();
+        gw.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the server's close_notify ends the stream");
+        // Idle, the stream holds no TLS buffer.
+        assert!(gw.incoming.buf.is_none() && gw.outgoing.buf.is_none() && gw.plaintext.capacity() == 0);
+        // Writing after the gateway's close_notify still works (TLS half-close).
+        gw.write_all(b"late").await.unwrap();
+        gw.shutdown().await.unwrap();
+        assert!(gw.write(b"x").await.is_err(), "nothing is written after the relay's close_notify");
+        assert_eq!(server.await.unwrap(), b"late");
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_over_tls13_and_closes_cleanly() {
+        roundtrip(&[&rustls::version::TLS13]).await;
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_over_tls12_and_closes_cleanly() {
+        roundtrip(&[&rustls::version::TLS12]).await;
+    }
+
+    #[tokio::test]
+    async fn a_refused_certificate_is_a_rustls_error() {
+        let (listener, acceptor, _) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let (_, _, other_ca_client) = server_and_client(&[&rustls::version::TLS13], "another CA").await;
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let _ = acceptor.accept(tcp).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let err = connect(other_ca_client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.err().expect("an untrusted certificate fails");
+        let inner = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(matches!(inner, Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))), "{err}");
+    }
 }

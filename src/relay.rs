@@ -241,6 +241,7 @@ fn note_decision(r: &mut HandshakeRecord, decision: &route::Decision) {
 /// Runs the pump until the connection ends, then writes the close record. Not an `async fn`:
 /// an `async fn` keeps a second copy of its arguments for the life of its future, and this one
 /// lives as long as the connection.
+#[allow(clippy::manual_async_fn)]
 fn pump_until_closed(app: Arc<App>, client: Client, upstream: Connected, first: Vec<u8>, session: OpenSession, current: Arc<Current>) -> impl std::future::Future<Output = ()> {
     async move {
         let server = &current.config.server;
