@@ -26,8 +26,10 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 /// Room asked for beyond a record's plaintext: header, content type or explicit nonce, AEAD tag
 /// (22 bytes for TLS 1.3, 29 for TLS 1.2's AES-GCM).
 const RECORD_OVERHEAD: usize = 32;
-/// The most plaintext encrypted per write: a record that fits a pool buffer.
-const MAX_WRITE: usize = crate::pump::BUF_SIZE - RECORD_OVERHEAD;
+/// The most plaintext encrypted per write: a pump read buffer's worth, so that what one read
+/// brought goes in one record and one send.
+const MAX_WRITE: usize = crate::pump::BUF_SIZE;
+const _: () = assert!(MAX_WRITE + RECORD_OVERHEAD <= pool::TLS_OUT_SIZE);
 /// The most TLS bytes held unprocessed: a handshake message may span records up to rustls's
 /// 64 KiB limit, a record 18 KiB.
 const MAX_HELD: usize = 96 * 1024;
@@ -57,8 +59,8 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
     let mut s = GatewayTls {
         tcp,
         conn,
-        incoming: Bytes::default(),
-        outgoing: Bytes::default(),
+        incoming: Bytes::new(crate::pump::BUF_SIZE),
+        outgoing: Bytes::new(pool::TLS_OUT_SIZE),
         plaintext: Vec::new(),
         plaintext_at: 0,
         read_closed: false,
@@ -156,6 +158,9 @@ impl GatewayTls {
     /// encrypts up to one record of it once the write state is reached; with `out`, delivers
     /// decrypted records there (what does not fit is set aside).
     fn process(&mut self, mut out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
+        // rustls hands over one record per call: a read goes on while the reader has room, so
+        // that what one TCP read brought is forwarded in one write, as tokio-rustls does.
+        let mut delivered = false;
         loop {
             let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
             let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
@@ -179,7 +184,11 @@ impl GatewayTls {
                         }
                         plaintext.extend_from_slice(payload);
                     }
-                    Some(Processed::Plaintext)
+                    delivered = true;
+                    match &out {
+                        Some(out) if out.remaining() > 0 => None,
+                        _ => Some(Processed::Plaintext),
+                    }
                 }
                 ConnectionState::EncodeTlsData(mut e) => {
                     fill(outgoing, RECORD_OVERHEAD, |buf| e.encode(buf).map_err(encode_error))?;
@@ -203,8 +212,10 @@ impl GatewayTls {
                         }
                         Some(Processed::Closed)
                     }
+                    None if delivered => Some(Processed::Plaintext),
                     None => Some(Processed::NeedRead),
                 },
+                ConnectionState::BlockedHandshake if delivered => Some(Processed::Plaintext),
                 ConnectionState::BlockedHandshake => Some(Processed::NeedRead),
                 // Said once: the gateway sent its close_notify. Writing may go on (the next
                 // state is the write state until the relay sends its own close_notify).
@@ -353,15 +364,19 @@ impl AsyncWrite for GatewayTls {
     }
 }
 
-/// Bytes at `buf[start..end]`, in a buffer borrowed from the pool while there are any.
-#[derive(Default)]
+/// Bytes at `buf[start..end]`, in a buffer of `size` borrowed from the pool while there are any.
 struct Bytes {
     buf: Option<Box<[u8]>>,
     start: usize,
     end: usize,
+    size: usize,
 }
 
 impl Bytes {
+    fn new(size: usize) -> Bytes {
+        Bytes { buf: None, start: 0, end: 0, size }
+    }
+
     fn is_empty(&self) -> bool {
         self.start == self.end
     }
@@ -380,7 +395,7 @@ impl Bytes {
         if held >= MAX_HELD {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "the gateway's TLS message is too long"));
         }
-        let cap = self.buf.as_ref().map_or(crate::pump::BUF_SIZE, |b| b.len());
+        let cap = self.buf.as_ref().map_or(self.size, |b| b.len());
         let left = cap - held;
         Ok(if left >= 1024 { left } else { cap })
     }
@@ -388,7 +403,8 @@ impl Bytes {
     /// Room for at least `more` bytes after what is held (moved to the front first).
     fn spare(&mut self, more: usize) -> &mut [u8] {
         let held = self.end - self.start;
-        let buf = self.buf.get_or_insert_with(pool::take);
+        let size = self.size;
+        let buf = self.buf.get_or_insert_with(|| pool::take_of(size));
         if self.start > 0 {
             buf.copy_within(self.start..self.end, 0);
             (self.start, self.end) = (0, held);

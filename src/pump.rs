@@ -858,24 +858,37 @@ pub(crate) mod pool {
 
     use super::BUF_SIZE;
 
-    /// Free buffers kept per thread; more are freed (256 KiB a thread at most).
+    /// Free buffers kept per thread and size; more are freed (about 512 KiB a thread at most).
     const KEPT: usize = 64;
+
+    /// The size of the gateway TLS stream's send buffers: a read buffer's worth of plaintext
+    /// encrypted as one record, with room to spare for its header and tag.
+    pub const TLS_OUT_SIZE: usize = BUF_SIZE + 64;
 
     thread_local! {
         static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+        static FREE_TLS_OUT: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
     }
 
     /// A free buffer of this thread's, or a new one.
     pub fn take() -> Box<[u8]> {
-        FREE.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; BUF_SIZE].into_boxed_slice())
+        take_of(BUF_SIZE)
     }
 
-    /// Gives a buffer back to this thread's pool (one of another size is freed).
+    /// A free buffer of `size` ([`BUF_SIZE`] or [`TLS_OUT_SIZE`]), or a new one.
+    pub fn take_of(size: usize) -> Box<[u8]> {
+        let free = if size == TLS_OUT_SIZE { &FREE_TLS_OUT } else { &FREE };
+        free.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; size].into_boxed_slice())
+    }
+
+    /// Gives a buffer back to this thread's pool of its size (one of another size is freed).
     pub fn give(buf: Box<[u8]>) {
-        if buf.len() != BUF_SIZE {
-            return;
-        }
-        FREE.with(|f| {
+        let free = match buf.len() {
+            BUF_SIZE => &FREE,
+            TLS_OUT_SIZE => &FREE_TLS_OUT,
+            _ => return,
+        };
+        free.with(|f| {
             let mut free = f.borrow_mut();
             if free.len() < KEPT {
                 free.push(buf);
