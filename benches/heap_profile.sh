@@ -14,31 +14,7 @@ command -v heaptrack >/dev/null || { echo "heap_profile.sh needs heaptrack: apt-
 mkdir -p target/bench
 out=$PWD/target/bench/heap
 rm -f "$out".*
-d=$(mktemp -d)
-trap 'kill $relay $gateway 2>/dev/null || true; rm -rf "$d"' EXIT
-python3 -c "import sys; sys.path.insert(0, 'benches'); import compare; compare.make_pki('$d')"
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-up=$(port); listen=$(port)
-"$bin" mock-gateway --mode echo --listen "127.0.0.1:$up" --cert "$d/leaf.pem" --key "$d/leaf.key" >/dev/null 2>&1 &
-gateway=$!
-cat > "$d/sigrelay.toml" <<TOML
-[server]
-listen = "127.0.0.1:$listen"
-cert = "$d/leaf.pem"
-key = "$d/leaf.key"
-drain_timeout = "1s"
-[upstream]
-ca_file = "$d/ca.pem"
-system_dns = false
-[upstream.resolve]
-"au1.vss.twilio.com" = "127.0.0.1:$up"
-[admin]
-listen = "off"
-[limits]
-handshakes_per_ip_per_s = 1000000
-handshake_burst = 1000000
-max_connections_per_ip = 100000
-TOML
+source benches/relay_env.sh
 heaptrack -o "$out" "$bin" run --config "$d/sigrelay.toml" --log warn >/dev/null 2>&1 &
 relay=$!
 python3 -c "import sys; sys.path.insert(0, 'benches'); from common import wait_port; wait_port($listen, 30)"
