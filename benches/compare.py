@@ -425,6 +425,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few minutes: fewer connections, shorter runs, one round")
     ap.add_argument("--rounds", type=int)
+    ap.add_argument("--idle", type=int, metavar="N", help="idle connections to hold (default 9,800; 2,000 with --quick)")
     ap.add_argument("--rate", type=int, help="the echo scenario's rate (default: calibrated, see calibrate())")
     ap.add_argument("--out", default=os.path.join(ROOT, "target", "bench"))
     ap.add_argument("--only", metavar="NAMES", help="comma-separated targets to run (e.g. sigrelay,nginx); default all")
@@ -439,6 +440,7 @@ def main():
         return write_results(rows, meta, args.out)
     cfg = ({"idle": 2000, "duration": "5s", "rounds": 1} if args.quick
            else {"idle": 9800, "duration": "15s", "rounds": 3})
+    cfg["idle"] = args.idle or cfg["idle"]
     rounds = args.rounds or cfg["rounds"]
     os.makedirs(args.out, exist_ok=True)
     d = tempfile.mkdtemp(prefix="sigrelay-bench-")
