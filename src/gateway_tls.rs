@@ -573,6 +573,42 @@ mod tests {
         roundtrip(&[&rustls::version::TLS12]).await;
     }
 
+    /// rustls's unbuffered API hands over one record per call; a read must still return all
+    /// that came (else each message goes on in a write of its own), and a pump buffer's worth
+    /// is taken in one write (one record, one send).
+    #[tokio::test]
+    async fn a_read_returns_every_record_that_came_and_a_write_takes_a_pump_buffer() {
+        let (listener, acceptor, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            for i in 0..10u8 {
+                // Each write_all and flush is a record of its own.
+                tls.write_all(&[i; 100]).await.unwrap();
+                tls.flush().await.unwrap();
+            }
+            sent_tx.send(()).unwrap();
+            let mut got = vec![0; crate::pump::BUF_SIZE];
+            tls.read_exact(&mut got).await.unwrap();
+            got
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.unwrap();
+        sent_rx.await.unwrap();
+        // On loopback the records are in the socket once the server's writes returned.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut buf = vec![0; crate::pump::BUF_SIZE];
+        let n = gw.read(&mut buf).await.unwrap();
+        assert_eq!(n, 1000, "one read returned all ten records");
+        assert!(buf[..n].chunks(100).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        let data = vec![7u8; crate::pump::BUF_SIZE];
+        assert_eq!(gw.write(&data).await.unwrap(), data.len(), "a pump buffer's worth in one write");
+        gw.flush().await.unwrap();
+        assert_eq!(server.await.unwrap(), data);
+    }
+
     #[tokio::test]
     async fn a_refused_certificate_is_a_rustls_error() {
         let (listener, acceptor, _) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
