@@ -46,6 +46,9 @@ pub struct GatewayTls {
     /// that encrypts); read before anything else.
     plaintext: Vec<u8>,
     plaintext_at: usize,
+    /// An error met after records were delivered in the same read: given to the next read, so
+    /// that what came before it (a close frame, say) is forwarded first.
+    pending_err: Option<io::Error>,
     /// The gateway sent its close_notify or ended the stream.
     read_closed: bool,
     close_sent: bool,
@@ -63,6 +66,7 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
         outgoing: Bytes::new(pool::TLS_OUT_SIZE),
         plaintext: Vec::new(),
         plaintext_at: 0,
+        pending_err: None,
         read_closed: false,
         close_sent: false,
     };
@@ -157,10 +161,21 @@ impl GatewayTls {
     /// Runs the TLS state machine over what has been received, without I/O. With `write`,
     /// encrypts up to one record of it once the write state is reached; with `out`, delivers
     /// decrypted records there (what does not fit is set aside).
-    fn process(&mut self, mut out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
+    fn process(&mut self, out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
+        let mut delivered = false;
+        match self.process_records(out, write, close, &mut delivered) {
+            Err(e) if delivered => {
+                self.pending_err = Some(e);
+                Ok(Processed::Plaintext)
+            }
+            result => result,
+        }
+    }
+
+    /// [`GatewayTls::process`]'s loop; `delivered` says whether records went to `out` or aside.
+    fn process_records(&mut self, mut out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool, delivered: &mut bool) -> io::Result<Processed> {
         // rustls hands over one record per call: a read goes on while the reader has room, so
         // that what one TCP read brought is forwarded in one write, as tokio-rustls does.
-        let mut delivered = false;
         loop {
             let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
             let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
@@ -184,7 +199,7 @@ impl GatewayTls {
                         }
                         plaintext.extend_from_slice(payload);
                     }
-                    delivered = true;
+                    *delivered = true;
                     match &out {
                         Some(out) if out.remaining() > 0 => None,
                         _ => Some(Processed::Plaintext),
@@ -212,10 +227,10 @@ impl GatewayTls {
                         }
                         Some(Processed::Closed)
                     }
-                    None if delivered => Some(Processed::Plaintext),
+                    None if *delivered => Some(Processed::Plaintext),
                     None => Some(Processed::NeedRead),
                 },
-                ConnectionState::BlockedHandshake if delivered => Some(Processed::Plaintext),
+                ConnectionState::BlockedHandshake if *delivered => Some(Processed::Plaintext),
                 ConnectionState::BlockedHandshake => Some(Processed::NeedRead),
                 // Said once: the gateway sent its close_notify. Writing may go on (the next
                 // state is the write state until the relay sends its own close_notify).
@@ -272,6 +287,10 @@ impl GatewayTls {
 impl AsyncRead for GatewayTls {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        // No room, nothing to do (and no TCP read that could find the end of the stream).
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
         if this.plaintext_at < this.plaintext.len() {
             let rest = &this.plaintext[this.plaintext_at..];
             let n = rest.len().min(buf.remaining());
@@ -282,6 +301,9 @@ impl AsyncRead for GatewayTls {
                 this.plaintext_at = 0;
             }
             return Poll::Ready(Ok(()));
+        }
+        if let Some(e) = this.pending_err.take() {
+            return Poll::Ready(Err(e));
         }
         loop {
             if this.read_closed {
@@ -573,6 +595,49 @@ mod tests {
         roundtrip(&[&rustls::version::TLS12]).await;
     }
 
+    /// Waits (bounded) until at least `min` bytes are waiting in `gw`'s socket and no more are
+    /// coming, so that the next read finds all the server sent.
+    async fn settled(gw: &GatewayTls, min: usize) {
+        let mut peeked = vec![0; 8192];
+        let mut last = 0;
+        for _ in 0..200 {
+            let n = gw.tcp.peek(&mut peeked).await.unwrap();
+            if n >= min && n == last {
+                return;
+            }
+            last = n;
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A record that came in the same read as a broken one is delivered before the error.
+    #[tokio::test]
+    async fn records_before_a_broken_one_are_read_before_its_error() {
+        let (listener, acceptor, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            std::io::Write::write_all(&mut tls.get_mut().1.writer(), b"close frame").unwrap();
+            tls.flush().await.unwrap();
+            // An application-data record that cannot decrypt.
+            tls.get_mut().0.write_all(b"\x17\x03\x03\x00\x20xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx").await.unwrap();
+            sent_tx.send(()).unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.unwrap();
+        sent_rx.await.unwrap();
+        settled(&gw, 33 + 37).await;
+        let mut buf = vec![0; crate::pump::BUF_SIZE];
+        let n = gw.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"close frame");
+        let err = gw.read(&mut buf).await.expect_err("then the broken record's error");
+        assert!(err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some(), "{err}");
+    }
+
     /// rustls's unbuffered API hands over one record per call; a read must still return all
     /// that came (else each message goes on in a write of its own), and a pump buffer's worth
     /// is taken in one write (one record, one send).
@@ -583,12 +648,14 @@ mod tests {
         let (sent_tx, sent_rx) = tokio::sync::oneshot::channel();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
+            // Without it, Nagle would hold records 2 to 10 until the first is acknowledged.
+            tcp.set_nodelay(true).unwrap();
             let mut tls = acceptor.accept(tcp).await.unwrap();
             for i in 0..10u8 {
-                // Each write_all and flush is a record of its own.
-                tls.write_all(&[i; 100]).await.unwrap();
-                tls.flush().await.unwrap();
+                // A record each, all sent by the one flush below.
+                std::io::Write::write_all(&mut tls.get_mut().1.writer(), &[i; 100]).unwrap();
             }
+            tls.flush().await.unwrap();
             sent_tx.send(()).unwrap();
             let mut got = vec![0; crate::pump::BUF_SIZE];
             tls.read_exact(&mut got).await.unwrap();
@@ -597,8 +664,8 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.unwrap();
         sent_rx.await.unwrap();
-        // On loopback the records are in the socket once the server's writes returned.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // All ten records are 122 bytes each in TLS 1.3.
+        settled(&gw, 10 * 122).await;
         let mut buf = vec![0; crate::pump::BUF_SIZE];
         let n = gw.read(&mut buf).await.unwrap();
         assert_eq!(n, 1000, "one read returned all ten records");

@@ -877,7 +877,11 @@ pub(crate) mod pool {
 
     /// A free buffer of `size` ([`BUF_SIZE`] or [`TLS_OUT_SIZE`]), or a new one.
     pub fn take_of(size: usize) -> Box<[u8]> {
-        let free = if size == TLS_OUT_SIZE { &FREE_TLS_OUT } else { &FREE };
+        let free = match size {
+            BUF_SIZE => &FREE,
+            TLS_OUT_SIZE => &FREE_TLS_OUT,
+            _ => return vec![0; size].into_boxed_slice(),
+        };
         free.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; size].into_boxed_slice())
     }
 
