@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::client::UnbufferedClientConnection;
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -73,14 +73,7 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
     let mut first_sent = first.is_empty();
     loop {
         let GatewayTls { conn, incoming, outgoing, plaintext, .. } = &mut s;
-        let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
-        let state = match state {
-            Ok(state) => state,
-            Err(e) => {
-                incoming.consume(discard);
-                return Err(tls_error(e));
-            }
-        };
+        let (mut discard, state) = next_state(conn, incoming)?;
         let next = match state {
             ConnectionState::EncodeTlsData(mut e) => {
                 fill(outgoing, RECORD_OVERHEAD, |out| e.encode(out).map_err(encode_error))?;
@@ -137,6 +130,14 @@ pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: 
     }
 }
 
+/// Runs rustls's state machine over the bytes received: the state it reached, and how many of
+/// those bytes to discard once the state is done with. A TLS error is final: rustls gives it
+/// again on every later call, so nothing is discarded.
+fn next_state<'c, 'i>(conn: &'c mut UnbufferedClientConnection, incoming: &'i mut Bytes) -> io::Result<(usize, ConnectionState<'c, 'i, ClientConnectionData>)> {
+    let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.filled());
+    state.map(|state| (discard, state)).map_err(tls_error)
+}
+
 /// What the handshake does after a state.
 enum Next {
     Again,
@@ -178,14 +179,7 @@ impl GatewayTls {
         // that what one TCP read brought is forwarded in one write, as tokio-rustls does.
         loop {
             let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
-            let UnbufferedStatus { mut discard, state } = conn.process_tls_records(incoming.filled());
-            let state = match state {
-                Ok(state) => state,
-                Err(e) => {
-                    incoming.consume(discard);
-                    return Err(tls_error(e));
-                }
-            };
+            let (mut discard, state) = next_state(conn, incoming)?;
             let done = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
