@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwap;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -70,7 +69,7 @@ pub struct App {
     pub tracker: TaskTracker,
     pub certs: Arc<CertStore>,
     /// `None` when `[server] tls = false`.
-    pub tls: Option<TlsAcceptor>,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     /// `[server] proxy_protocol` as started: like `tls`, it changes only with a restart.
     pub proxy_protocol: bool,
     pub limiter: Limiter,
@@ -117,7 +116,7 @@ impl App {
         let metrics = Arc::new(Metrics::new(records.dropped_counter()));
         metrics.set_certificates(&certs.expiry());
         let connector = Connector::new(&config, client_tls).map_err(StartError::Dns)?;
-        let tls = config.server.tls.then(|| TlsAcceptor::from(server_tls));
+        let tls = config.server.tls.then_some(server_tls);
         let proxy_protocol = config.server.proxy_protocol;
         let limiter = Limiter::new(config.limits.clone(), derived_max);
         let current = Current::new(config, &certs);

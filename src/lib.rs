@@ -21,7 +21,6 @@ pub mod diag;
 pub mod first_message;
 pub mod forwarded;
 pub mod frame;
-pub mod gateway_tls;
 pub mod healthcheck;
 pub mod ice;
 pub mod limits;
@@ -43,6 +42,7 @@ pub mod session;
 pub mod shutdown;
 pub mod systemd;
 pub mod tls;
+pub mod tls_stream;
 pub mod token;
 pub mod turn;
 #[cfg(feature = "tools")]

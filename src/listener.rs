@@ -348,7 +348,7 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, threa
         } else {
             Prefixed::new(&[], tcp)
         };
-        let Some(acceptor) = &app.tls else {
+        let Some(tls_config) = &app.tls else {
             // Behind a balancer that terminates TLS and passes the stream on, TURN arrives plain.
             let conn = ConnContext::new(&app, Peer { client_addr, sni: None, tls_ms: None }, started, permit);
             let mut io = io;
@@ -358,7 +358,7 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, threa
             }
             return serve_http(&app, Prefixed::new(&first, io), conn, deadline, started).await;
         };
-        let tls = match tokio::time::timeout_at(deadline, acceptor.accept(io)).await {
+        let tls = match tokio::time::timeout_at(deadline, crate::tls_stream::accept(tls_config.clone(), io)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => return early_failure(client_addr, Outcome::ClientTlsError, e.to_string()),
             Err(_) => {
@@ -366,7 +366,7 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, threa
                 return early_failure(client_addr, Outcome::ClientTimeout, why);
             }
         };
-        let sni = tls.get_ref().1.server_name().map(str::to_string);
+        let sni = tls.server_name().map(str::to_string);
         if let Some(sni) = &sni {
             tracing::Span::current().record("sni", sni.as_str());
         }

@@ -261,6 +261,7 @@ impl rustls::server::ResolvesServerCert for CertStore {
     fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let set = self.current.load();
         if let Some(sni) = hello.server_name() {
+            crate::tls_stream::saw_client_sni(sni);
             if let Ok(name) = ServerName::try_from(sni) {
                 for ck in &set.extra {
                     let valid = ck.end_entity_cert().ok().and_then(|der| webpki::EndEntityCert::try_from(der).ok())

@@ -12,7 +12,7 @@ use thiserror::Error;
 use hickory_resolver::TokioResolver;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use crate::gateway_tls::{self, GatewayTls};
+use crate::tls_stream::{self, GatewayTls};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 use crate::config::Config;
@@ -253,7 +253,7 @@ impl Connector {
 
         *phase = Phase::Tls;
         let t = Instant::now();
-        let io = gateway_tls::connect(tls.clone(), target.server_name.clone(), tcp, early).await.map_err(UpstreamError::tls)?;
+        let io = tls_stream::connect(tls.clone(), target.server_name.clone(), tcp, early).await.map_err(UpstreamError::tls)?;
         timings.tls = Some(t.elapsed());
         Ok((io, addr))
     }

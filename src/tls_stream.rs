@@ -1,11 +1,13 @@
-//! TLS to gateways over rustls's unbuffered API, with the TLS bytes in buffers borrowed from the
-//! thread's pool ([`pool`]) only while they hold some: an idle gateway connection holds none.
-//! (rustls's buffered API keeps a 4 KiB receive buffer per connection for its whole life.)
+//! TLS over rustls's unbuffered API, for both hops: [`accept`] for a browser's connection,
+//! [`connect`] for a gateway's. The TLS bytes sit in buffers borrowed from the thread's pool
+//! ([`pool`]) only while they hold some, so an idle connection holds none (rustls's buffered
+//! API keeps a 4 KiB receive buffer per connection for its whole life).
 //!
-//! [`connect`] runs the handshake, sending the caller's first bytes with the client's Finished;
-//! [`GatewayTls`] is then an ordinary `AsyncRead + AsyncWrite` stream. Decrypted records are
-//! copied straight into the reader's buffer; only what does not fit is kept aside.
+//! After the handshake a [`TlsStream`] is an ordinary `AsyncRead + AsyncWrite` stream.
+//! Decrypted records are copied straight into the reader's buffer; only what does not fit is
+//! kept aside.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -13,8 +15,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
-use rustls::ClientConfig;
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -34,13 +37,65 @@ const _: () = assert!(MAX_WRITE + RECORD_OVERHEAD <= pool::TLS_OUT_SIZE);
 /// 64 KiB limit, a record 18 KiB.
 const MAX_HELD: usize = 96 * 1024;
 
-/// A client TLS stream to a gateway.
-pub struct GatewayTls {
-    tcp: TcpStream,
-    conn: UnbufferedClientConnection,
-    /// TLS bytes read from the gateway and not yet processed.
+/// One end of a TLS session, as rustls's unbuffered API has it.
+pub trait Session: Unpin {
+    /// rustls's per-side connection data.
+    type Data;
+    /// Who is at the other end, for error messages.
+    const PEER: &'static str;
+    /// Runs the state machine over `incoming` (rustls's `process_tls_records`).
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+}
+
+impl Session for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    const PEER: &'static str = "the gateway";
+
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
+        self.process_tls_records(incoming)
+    }
+}
+
+/// The server end of a browser's TLS session, with the name its ClientHello asked for.
+pub struct ServerSession {
+    conn: UnbufferedServerConnection,
+    sni: Option<Box<str>>,
+}
+
+impl Session for ServerSession {
+    type Data = ServerConnectionData;
+    const PEER: &'static str = "the client";
+
+    fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        let status = self.conn.process_tls_records(incoming);
+        if let Some(sni) = CLIENT_SNI.with(|s| s.borrow_mut().take()) {
+            self.sni = Some(sni);
+        }
+        status
+    }
+}
+
+thread_local! {
+    /// The name in the ClientHello being processed on this thread. rustls's unbuffered server
+    /// connection does not tell it (the buffered one's `server_name` has no unbuffered twin in
+    /// rustls 0.23), but the certificate resolver sees it, within the very
+    /// `process_tls_records` call [`ServerSession::records`] makes, which takes it at once.
+    static CLIENT_SNI: RefCell<Option<Box<str>>> = const { RefCell::new(None) };
+}
+
+/// Called by the listener's certificate resolver with the name a ClientHello asked for.
+pub fn saw_client_sni(name: &str) {
+    CLIENT_SNI.with(|s| *s.borrow_mut() = Some(name.into()));
+}
+
+/// A TLS stream over `IO`: to a gateway ([`GatewayTls`], from [`connect`]) or from a browser
+/// (from [`accept`]).
+pub struct TlsStream<C, IO> {
+    io: IO,
+    conn: C,
+    /// TLS bytes read from the peer and not yet processed.
     incoming: Bytes,
-    /// TLS bytes to write to the gateway.
+    /// TLS bytes to write to the peer.
     outgoing: Bytes,
     /// Decrypted bytes a read had no room for (or a write had to decrypt to reach the state
     /// that encrypts); read before anything else.
@@ -49,9 +104,35 @@ pub struct GatewayTls {
     /// An error met after records were delivered in the same read: given to the next read, so
     /// that what came before it (a close frame, say) is forwarded first.
     pending_err: Option<io::Error>,
-    /// The gateway sent its close_notify or ended the stream.
+    /// The peer sent its close_notify or ended the stream.
     read_closed: bool,
     close_sent: bool,
+}
+
+/// The relay's TLS stream to a gateway.
+pub type GatewayTls = TlsStream<UnbufferedClientConnection, TcpStream>;
+
+impl<C, IO> TlsStream<C, IO> {
+    fn new(conn: C, io: IO) -> TlsStream<C, IO> {
+        TlsStream {
+            io,
+            conn,
+            incoming: Bytes::new(crate::pump::BUF_SIZE),
+            outgoing: Bytes::new(pool::TLS_OUT_SIZE),
+            plaintext: Vec::new(),
+            plaintext_at: 0,
+            pending_err: None,
+            read_closed: false,
+            close_sent: false,
+        }
+    }
+}
+
+impl<IO> TlsStream<ServerSession, IO> {
+    /// The server name the client asked for (SNI), if it sent one.
+    pub fn server_name(&self) -> Option<&str> {
+        self.conn.sni.as_deref()
+    }
 }
 
 /// Connects TLS over `tcp` to `name`, with `first` (if any) sent in the same flight as the
@@ -59,82 +140,107 @@ pub struct GatewayTls {
 /// for a TLS failure), so callers can tell a refused certificate from a reset.
 pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: TcpStream, first: &[u8]) -> io::Result<GatewayTls> {
     let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
-    let mut s = GatewayTls {
-        tcp,
-        conn,
-        incoming: Bytes::new(crate::pump::BUF_SIZE),
-        outgoing: Bytes::new(pool::TLS_OUT_SIZE),
-        plaintext: Vec::new(),
-        plaintext_at: 0,
-        pending_err: None,
-        read_closed: false,
-        close_sent: false,
-    };
-    let mut first_sent = first.is_empty();
-    loop {
-        let GatewayTls { conn, incoming, outgoing, plaintext, .. } = &mut s;
-        let (mut discard, state) = next_state(conn, incoming)?;
-        let next = match state {
-            ConnectionState::EncodeTlsData(mut e) => {
-                fill(outgoing, RECORD_OVERHEAD, |out| e.encode(out).map_err(encode_error))?;
-                Next::Again
+    let mut s = TlsStream::new(conn, tcp);
+    s.handshake(first).await?;
+    Ok(s)
+}
+
+/// Accepts a client's TLS session over `io`; errors as [`connect`]'s. Bytes the client sent
+/// after its Finished are kept for the first read.
+pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(config: Arc<ServerConfig>, io: IO) -> io::Result<TlsStream<ServerSession, IO>> {
+    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let mut s = TlsStream::new(ServerSession { conn, sni: None }, io);
+    s.handshake(&[]).await?;
+    Ok(s)
+}
+
+impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
+    /// Runs the handshake to the point where application data flows, with `first` sent as soon
+    /// as it may be; on a TLS error, the alert rustls has for the peer goes if it can.
+    async fn handshake(&mut self, first: &[u8]) -> io::Result<()> {
+        match self.handshake_steps(first).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queue_alert();
+                poll_fn(|cx| {
+                    let _ = self.poll_flush_outgoing(cx);
+                    Poll::Ready(())
+                })
+                .await;
+                Err(e)
             }
-            ConnectionState::TransmitTlsData(mut t) => {
-                if !first_sent {
-                    if let Some(mut w) = t.may_encrypt_app_data() {
+        }
+    }
+
+    async fn handshake_steps(&mut self, first: &[u8]) -> io::Result<()> {
+        let mut first_sent = first.is_empty();
+        loop {
+            let TlsStream { conn, incoming, outgoing, plaintext, .. } = &mut *self;
+            let (mut discard, state) = next_state(conn, incoming)?;
+            let next = match state {
+                ConnectionState::EncodeTlsData(mut e) => {
+                    fill(outgoing, RECORD_OVERHEAD, |out| e.encode(out).map_err(encode_error))?;
+                    Next::Again
+                }
+                ConnectionState::TransmitTlsData(mut t) => {
+                    if !first_sent {
+                        if let Some(mut w) = t.may_encrypt_app_data() {
+                            encrypt_all(outgoing, first, |data, out| w.encrypt(data, out))?;
+                            first_sent = true;
+                        }
+                    }
+                    t.done();
+                    Next::Flush
+                }
+                ConnectionState::BlockedHandshake => Next::Read,
+                ConnectionState::WriteTraffic(mut w) => {
+                    // TLS 1.2, or a server that let the first bytes wait: they go now.
+                    if !first_sent {
                         encrypt_all(outgoing, first, |data, out| w.encrypt(data, out))?;
                         first_sent = true;
                     }
+                    Next::Done
                 }
-                t.done();
-                Next::Flush
-            }
-            ConnectionState::BlockedHandshake => Next::Read,
-            ConnectionState::WriteTraffic(mut w) => {
-                // TLS 1.2, or a server that let the first bytes wait: they go now.
-                if !first_sent {
-                    encrypt_all(outgoing, first, |data, out| w.encrypt(data, out))?;
-                    first_sent = true;
+                // The peer's first bytes came in the same read as its Finished: set aside for the
+                // reader, and on with the handshake (the first bytes may not have gone yet).
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(record) = r.next_record() {
+                        let record = record.map_err(tls_error)?;
+                        discard += record.discard;
+                        plaintext.extend_from_slice(record.payload);
+                    }
+                    Next::Again
                 }
-                Next::Done
-            }
-            // The gateway's first bytes came in the same read as its Finished: set aside for the
-            // reader, and on with the handshake (the first bytes may not have gone yet).
-            ConnectionState::ReadTraffic(mut r) => {
-                while let Some(record) = r.next_record() {
-                    let record = record.map_err(tls_error)?;
-                    discard += record.discard;
-                    plaintext.extend_from_slice(record.payload);
+                ConnectionState::PeerClosed | ConnectionState::Closed => return Err(closed_in_handshake::<C>()),
+                _ => return Err(io::Error::other("unexpected TLS state during the handshake")),
+            };
+            incoming.consume(discard);
+            match next {
+                Next::Again => {}
+                Next::Flush => poll_fn(|cx| self.poll_flush_outgoing(cx)).await?,
+                Next::Done => {
+                    poll_fn(|cx| self.poll_flush_outgoing(cx)).await?;
+                    return Ok(());
                 }
-                Next::Again
-            }
-            ConnectionState::PeerClosed | ConnectionState::Closed => {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the gateway closed during the TLS handshake"));
-            }
-            _ => return Err(io::Error::other("unexpected TLS state during the handshake")),
-        };
-        incoming.consume(discard);
-        match next {
-            Next::Again => {}
-            Next::Flush => poll_fn(|cx| s.poll_flush_outgoing(cx)).await?,
-            Next::Done => {
-                poll_fn(|cx| s.poll_flush_outgoing(cx)).await?;
-                return Ok(s);
-            }
-            Next::Read => {
-                if poll_fn(|cx| s.poll_read_tls(cx)).await? == 0 {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the gateway closed during the TLS handshake"));
+                Next::Read => {
+                    if poll_fn(|cx| self.poll_read_tls(cx)).await? == 0 {
+                        return Err(closed_in_handshake::<C>());
+                    }
                 }
             }
         }
     }
 }
 
+fn closed_in_handshake<C: Session>() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} closed during the TLS handshake", C::PEER))
+}
+
 /// Runs rustls's state machine over the bytes received: the state it reached, and how many of
 /// those bytes to discard once the state is done with. A TLS error is final: rustls gives it
 /// again on every later call, so nothing is discarded.
-fn next_state<'c, 'i>(conn: &'c mut UnbufferedClientConnection, incoming: &'i mut Bytes) -> io::Result<(usize, ConnectionState<'c, 'i, ClientConnectionData>)> {
-    let UnbufferedStatus { discard, state } = conn.process_tls_records(incoming.filled());
+fn next_state<'c, 'i, C: Session>(conn: &'c mut C, incoming: &'i mut Bytes) -> io::Result<(usize, ConnectionState<'c, 'i, C::Data>)> {
+    let UnbufferedStatus { discard, state } = conn.records(incoming.filled());
     state.map(|state| (discard, state)).map_err(tls_error)
 }
 
@@ -154,17 +260,21 @@ enum Processed {
     NeedRead,
     /// The write state was reached and `n` bytes of the caller's data were encrypted.
     Wrote(usize),
-    /// The gateway closed the TLS session.
+    /// The peer closed the TLS session.
     Closed,
 }
 
-impl GatewayTls {
+impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     /// Runs the TLS state machine over what has been received, without I/O. With `write`,
     /// encrypts up to one record of it once the write state is reached; with `out`, delivers
     /// decrypted records there (what does not fit is set aside).
     fn process(&mut self, out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
         let mut delivered = false;
-        match self.process_records(out, write, close, &mut delivered) {
+        let result = self.process_records(out, write, close, &mut delivered);
+        if result.is_err() {
+            self.queue_alert();
+        }
+        match result {
             Err(e) if delivered => {
                 self.pending_err = Some(e);
                 Ok(Processed::Plaintext)
@@ -173,12 +283,23 @@ impl GatewayTls {
         }
     }
 
-    /// [`GatewayTls::process`]'s loop; `delivered` says whether records went to `out` or aside.
+    /// After a TLS error, queues the alert rustls has for the peer (if any), as tokio-rustls's
+    /// "last-gasp write" does; the caller's next flush sends it.
+    fn queue_alert(&mut self) {
+        // rustls hands out what it queued before it looks at the input again. Only once: a
+        // second call would process the broken bytes again.
+        let TlsStream { conn, incoming, outgoing, .. } = self;
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = conn.records(incoming.filled()).state {
+            let _ = fill(outgoing, RECORD_OVERHEAD, |buf| e.encode(buf).map_err(encode_error));
+        }
+    }
+
+    /// [`TlsStream::process`]'s loop; `delivered` says whether records went to `out` or aside.
     fn process_records(&mut self, mut out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool, delivered: &mut bool) -> io::Result<Processed> {
         // rustls hands over one record per call: a read goes on while the reader has room, so
         // that what one TCP read brought is forwarded in one write, as tokio-rustls does.
         loop {
-            let GatewayTls { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
+            let TlsStream { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
             let (mut discard, state) = next_state(conn, incoming)?;
             let done = match state {
                 ConnectionState::ReadTraffic(mut r) => {
@@ -226,7 +347,7 @@ impl GatewayTls {
                 },
                 ConnectionState::BlockedHandshake if *delivered => Some(Processed::Plaintext),
                 ConnectionState::BlockedHandshake => Some(Processed::NeedRead),
-                // Said once: the gateway sent its close_notify. Writing may go on (the next
+                // Said once: the peer sent its close_notify. Writing may go on (the next
                 // state is the write state until the relay sends its own close_notify).
                 ConnectionState::PeerClosed => {
                     *peer_closed = true;
@@ -249,13 +370,13 @@ impl GatewayTls {
         }
     }
 
-    /// Reads more TLS bytes from the gateway into the receive buffer (borrowed from the pool
+    /// Reads more TLS bytes from the peer into the receive buffer (borrowed from the pool
     /// for the read, and given back if nothing came). Returns the bytes read; 0 at the end.
     fn poll_read_tls(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let want = self.incoming.read_room()?;
+        let want = self.incoming.read_room(C::PEER)?;
         let spare = self.incoming.spare(want);
         let mut read = ReadBuf::new(spare);
-        let polled = Pin::new(&mut self.tcp).poll_read(cx, &mut read);
+        let polled = Pin::new(&mut self.io).poll_read(cx, &mut read);
         let n = read.filled().len();
         self.incoming.commit(n);
         if n == 0 {
@@ -265,10 +386,17 @@ impl GatewayTls {
         Poll::Ready(Ok(n))
     }
 
+    /// Sends what is queued (the alert for the error `e`, if any) as far as the socket takes it
+    /// now, and gives back `e`.
+    fn last_gasp(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        let _ = self.poll_flush_outgoing(cx);
+        e
+    }
+
     /// Writes out every queued TLS byte.
     fn poll_flush_outgoing(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.outgoing.is_empty() {
-            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, self.outgoing.filled()))?;
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, self.outgoing.filled()))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
@@ -278,7 +406,7 @@ impl GatewayTls {
     }
 }
 
-impl AsyncRead for GatewayTls {
+impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         // No room, nothing to do (and no TCP read that could find the end of the stream).
@@ -297,14 +425,18 @@ impl AsyncRead for GatewayTls {
             return Poll::Ready(Ok(()));
         }
         if let Some(e) = this.pending_err.take() {
-            return Poll::Ready(Err(e));
+            return Poll::Ready(Err(this.last_gasp(cx, e)));
         }
         loop {
             if this.read_closed {
                 return Poll::Ready(Ok(()));
             }
             let before = buf.filled().len();
-            match this.process(Some(buf), None, false)? {
+            let processed = match this.process(Some(buf), None, false) {
+                Ok(processed) => processed,
+                Err(e) => return Poll::Ready(Err(this.last_gasp(cx, e))),
+            };
+            match processed {
                 Processed::Plaintext if buf.filled().len() > before || !this.plaintext.is_empty() => {
                     return Poll::Ready(Ok(()));
                 }
@@ -320,10 +452,8 @@ impl AsyncRead for GatewayTls {
                         // As tokio-rustls says it: the end of the stream without a close_notify
                         // may be a truncation.
                         this.read_closed = true;
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the gateway closed the connection without sending TLS close_notify",
-                        )));
+                        let why = format!("{} closed the connection without sending TLS close_notify", C::PEER);
+                        return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
                     }
                 }
                 Processed::Closed => this.read_closed = true,
@@ -333,19 +463,23 @@ impl AsyncRead for GatewayTls {
     }
 }
 
-impl AsyncWrite for GatewayTls {
+impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C, IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // What was encrypted before goes first: the backpressure a slow gateway applies.
+        // What was encrypted before goes first: the backpressure a slow peer applies.
         ready!(this.poll_flush_outgoing(cx))?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
         if this.close_sent {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the TLS session to the gateway was closed")));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, format!("the TLS session to {} was closed", C::PEER))));
         }
         loop {
-            match this.process(None, Some(data), false)? {
+            let processed = match this.process(None, Some(data), false) {
+                Ok(processed) => processed,
+                Err(e) => return Poll::Ready(Err(this.last_gasp(cx, e))),
+            };
+            match processed {
                 Processed::Wrote(n) => {
                     if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
                         return Poll::Ready(Err(e));
@@ -355,7 +489,7 @@ impl AsyncWrite for GatewayTls {
                 // Records that were waiting for the reader were set aside; go on.
                 Processed::Plaintext => {}
                 Processed::NeedRead | Processed::Closed => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the TLS session to the gateway is closed")));
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, format!("the TLS session to {} is closed", C::PEER))));
                 }
             }
         }
@@ -364,7 +498,7 @@ impl AsyncWrite for GatewayTls {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_flush_outgoing(cx))?;
-        Pin::new(&mut this.tcp).poll_flush(cx)
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -376,7 +510,7 @@ impl AsyncWrite for GatewayTls {
             this.close_sent = true;
         }
         ready!(this.poll_flush_outgoing(cx))?;
-        Pin::new(&mut this.tcp).poll_shutdown(cx)
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
@@ -406,10 +540,10 @@ impl Bytes {
 
     /// How much room to read into next: what is left of the buffer, or as much again as it
     /// holds when that is little (a record or handshake message longer than a buffer).
-    fn read_room(&self) -> io::Result<usize> {
+    fn read_room(&self, peer: &str) -> io::Result<usize> {
         let held = self.end - self.start;
         if held >= MAX_HELD {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "the gateway's TLS message is too long"));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a TLS message from {peer} is too long")));
         }
         let cap = self.buf.as_ref().map_or(self.size, |b| b.len());
         let left = cap - held;
@@ -515,8 +649,8 @@ mod tests {
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A TLS 1.3 server on loopback (tokio-rustls) and a client config that trusts it.
-    async fn server_and_client(versions: &[&'static rustls::SupportedProtocolVersion], ca: &str) -> (tokio::net::TcpListener, tokio_rustls::TlsAcceptor, Arc<ClientConfig>) {
+    /// A listener on loopback, a server config for it and a client config that trusts it.
+    async fn server_and_client(versions: &[&'static rustls::SupportedProtocolVersion], ca: &str) -> (tokio::net::TcpListener, Arc<ServerConfig>, Arc<ClientConfig>) {
         let ca = crate::tools::pki::TestCa::new(ca).unwrap();
         let leaf = ca.leaf(&["gw.test".to_string()]).unwrap();
         let certs = CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
@@ -535,7 +669,7 @@ mod tests {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        (listener, tokio_rustls::TlsAcceptor::from(Arc::new(server)), Arc::new(client))
+        (listener, Arc::new(server), Arc::new(client))
     }
 
     async fn roundtrip(versions: &[&'static rustls::SupportedProtocolVersion]) {
@@ -546,7 +680,7 @@ mod tests {
         let expect = big.clone();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(acceptor).accept(tcp).await.unwrap();
             let mut first = [0u8; 5];
             tls.read_exact(&mut first).await.unwrap();
             assert_eq!(&first, b"hello");
@@ -595,7 +729,7 @@ mod tests {
         let mut peeked = vec![0; 8192];
         let mut last = 0;
         for _ in 0..200 {
-            let n = gw.tcp.peek(&mut peeked).await.unwrap();
+            let n = gw.io.peek(&mut peeked).await.unwrap();
             if n >= min && n == last {
                 return;
             }
@@ -613,7 +747,7 @@ mod tests {
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             tcp.set_nodelay(true).unwrap();
-            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(acceptor).accept(tcp).await.unwrap();
             std::io::Write::write_all(&mut tls.get_mut().1.writer(), b"close frame").unwrap();
             tls.flush().await.unwrap();
             // An application-data record that cannot decrypt.
@@ -644,7 +778,7 @@ mod tests {
             let (tcp, _) = listener.accept().await.unwrap();
             // Without it, Nagle would hold records 2 to 10 until the first is acknowledged.
             tcp.set_nodelay(true).unwrap();
-            let mut tls = acceptor.accept(tcp).await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(acceptor).accept(tcp).await.unwrap();
             for i in 0..10u8 {
                 // A record each, all sent by the one flush below.
                 std::io::Write::write_all(&mut tls.get_mut().1.writer(), &[i; 100]).unwrap();
@@ -677,11 +811,78 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            let _ = acceptor.accept(tcp).await;
+            let _ = tokio_rustls::TlsAcceptor::from(acceptor).accept(tcp).await;
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
         let err = connect(other_ca_client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.err().expect("an untrusted certificate fails");
         let inner = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
         assert!(matches!(inner, Some(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))), "{err}");
+    }
+
+    /// The browser's side: a tokio-rustls client to [`accept`], both ways, then TLS half-close.
+    async fn serve_roundtrip(versions: &[&'static rustls::SupportedProtocolVersion]) {
+        let (listener, server, client) = server_and_client(versions, "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let browser = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(client);
+            let mut tls = connector.connect(ServerName::try_from("gw.test").unwrap(), tcp).await.unwrap();
+            tls.write_all(b"hello").await.unwrap();
+            tls.write_all(&sent).await.unwrap();
+            tls.flush().await.unwrap();
+            let mut echoed = vec![0; sent.len()];
+            tls.read_exact(&mut echoed).await.unwrap();
+            assert!(echoed == sent, "the echo came back unchanged");
+            let mut rest = Vec::new();
+            tls.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "the relay's close_notify ends the stream");
+            tls.write_all(b"late").await.unwrap();
+            tls.shutdown().await.unwrap();
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = accept(server, tcp).await.unwrap();
+        let mut got = vec![0; 5 + big.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(&got[..5] == b"hello" && got[5..] == big[..], "the relay got the browser's bytes unchanged");
+        s.write_all(&got[5..]).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut after = Vec::new();
+        s.read_to_end(&mut after).await.unwrap();
+        assert_eq!(after, b"late", "reading goes on after the relay's close_notify");
+        assert!(s.incoming.buf.is_none() && s.outgoing.buf.is_none() && s.plaintext.capacity() == 0, "done, the stream holds no TLS buffer");
+        browser.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn accepts_a_browser_over_tls13_and_closes_cleanly() {
+        serve_roundtrip(&[&rustls::version::TLS13]).await;
+    }
+
+    #[tokio::test]
+    async fn accepts_a_browser_over_tls12_and_closes_cleanly() {
+        serve_roundtrip(&[&rustls::version::TLS12]).await;
+    }
+
+    /// A client that does not speak TLS is told why with an alert before the connection ends,
+    /// as rustls's buffered server does.
+    #[tokio::test]
+    async fn a_client_that_is_not_speaking_tls_gets_an_alert() {
+        let (listener, server, _) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let browser = tokio::spawn(async move {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: relay.test\r\n\r\n").await.unwrap();
+            let mut answer = Vec::new();
+            let _ = tcp.read_to_end(&mut answer).await;
+            answer
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let err = accept(server, tcp).await.err().expect("not TLS");
+        assert!(err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some(), "{err}");
+        let answer = browser.await.unwrap();
+        // A plaintext alert record: type 21, a version, length 2, fatal (2), a description.
+        assert!(answer.len() == 7 && answer[0] == 21 && answer[3..6] == [0, 2, 2], "{answer:?}");
     }
 }
