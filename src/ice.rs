@@ -180,7 +180,12 @@ where
             }
             Iced::Not | Iced::Unchanged => std::borrow::Cow::Borrowed(&buf[..total]),
         };
-        let written = match tokio::time::timeout_at(write_deadline, client.write_all(&out)).await {
+        // Each frame goes on as it came: the browser may be waiting for it.
+        let write = async {
+            client.write_all(&out).await?;
+            client.flush().await
+        };
+        let written = match tokio::time::timeout_at(write_deadline, write).await {
             Ok(Ok(())) => out.len(),
             Ok(Err(_)) => return (done, buf),
             Err(_) => {
@@ -195,9 +200,6 @@ where
             done.iced_seen = true;
             break;
         }
-    }
-    if tokio::time::timeout_at(write_deadline, client.flush()).await.is_err() {
-        done.client_stalled = true;
     }
     (done, buf)
 }
@@ -297,6 +299,29 @@ mod tests {
         assert_eq!(body["body"]["ice_servers"][0]["urls"], "turns:relay.example.com:443?transport=tcp");
         assert_eq!(left, after, "the pump gets the rest");
         assert_eq!(done.bytes as usize, to_browser.len());
+    }
+
+    /// The browser's writer sends only what is flushed (as the TLS stream does): each frame is
+    /// flushed before the watch waits for the next, or a browser waiting for it would wait out
+    /// the watch.
+    #[tokio::test]
+    async fn each_frame_reaches_the_browser_before_the_watch_reads_on() {
+        let welcome = text(r#"{"type":"welcome","negotiatedTimeout":5000}"#);
+        let (mut gw, mut up) = tokio::io::duplex(64 * 1024);
+        let (browser_end, mut browser) = tokio::io::duplex(64 * 1024);
+        let mut to_browser = tokio::io::BufWriter::new(browser_end);
+        let expect = welcome.clone();
+        let gateway = tokio::spawn(async move {
+            // The gateway sends its iced only once the browser has the welcome.
+            let mut got = vec![0; expect.len()];
+            browser.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, expect);
+            gw.write_all(&text(&iced())).await.unwrap();
+            (gw, browser)
+        });
+        let (done, _) = watch(&mut up, &mut to_browser, welcome, &RULE, u64::MAX).await;
+        assert!(done.iced_seen, "the welcome reached the browser before the watch ran out");
+        gateway.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

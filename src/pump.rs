@@ -736,18 +736,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let mut frame = Vec::with_capacity(frame::MAX_HEADER_LEN + PING_PAYLOAD.len());
         frame::encode_frame(&mut frame, OpCode::Ping, PING_PAYLOAD, self.mask());
         self.pinged_at = Some(shared.now_ms());
-        self.write(&frame, stopped.as_mut()).await.err()
+        self.write(&frame, true, stopped.as_mut()).await.err()
     }
 
-    /// Writes and flushes; a stop while blocked leaves the writer torn (mid-frame). A writer
-    /// that stays blocked through two ping ticks has stopped reading: that side is silent
-    /// (its pongs, if any, are stuck behind the same wall).
-    async fn write(&mut self, data: &[u8], mut stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
+    /// Writes, and flushes when told to; a stop while blocked leaves the writer torn
+    /// (mid-frame). A writer that stays blocked through two ping ticks has stopped reading: that
+    /// side is silent (its pongs, if any, are stuck behind the same wall).
+    async fn write(&mut self, data: &[u8], flush: bool, mut stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
         let writer = &mut self.writer;
         let timer = &mut self.ping_timer;
         let write = async {
             writer.write_all(data).await?;
-            writer.flush().await
+            if flush {
+                writer.flush().await?;
+            }
+            Ok::<(), std::io::Error>(())
         };
         tokio::pin!(write);
         let mut stalled_ticks = 0;
@@ -792,8 +795,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             Some(Stop::Close { code, reason, .. }) => (n, Some(DirEnd::ForwardedClose(code, reason))),
             Some(Stop::Fault(fault)) => (n, Some(DirEnd::Fault(fault))),
         };
+        // A close that answers the other direction's is the last thing this one writes, and
+        // the shutdown that follows at once flushes it: over TLS, in one send with the
+        // close_notify.
+        let last = matches!(end, Some(DirEnd::ForwardedClose(..))) && shared.finished.load(Ordering::SeqCst) == 1;
         if n > 0 {
-            if let Err(end) = self.write(&data[..n], stopped.as_mut()).await {
+            if let Err(end) = self.write(&data[..n], !last, stopped.as_mut()).await {
                 return Some(end);
             }
             let msgs = std::mem::take(&mut self.scanner.msgs);

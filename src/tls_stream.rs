@@ -189,8 +189,9 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
                             first_sent = true;
                         }
                     }
+                    // Sent before the next read, or at the end.
                     t.done();
-                    Next::Flush
+                    Next::Again
                 }
                 ConnectionState::BlockedHandshake => Next::Read,
                 ConnectionState::WriteTraffic(mut w) => {
@@ -217,12 +218,12 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
             incoming.consume(discard);
             match next {
                 Next::Again => {}
-                Next::Flush => poll_fn(|cx| self.poll_flush_outgoing(cx)).await?,
                 Next::Done => {
                     poll_fn(|cx| self.poll_flush_outgoing(cx)).await?;
                     return Ok(());
                 }
                 Next::Read => {
+                    poll_fn(|cx| self.poll_flush_outgoing(cx)).await?;
                     if poll_fn(|cx| self.poll_read_tls(cx)).await? == 0 {
                         return Err(closed_in_handshake::<C>());
                     }
@@ -247,7 +248,6 @@ fn next_state<'c, 'i, C: Session>(conn: &'c mut C, incoming: &'i mut Bytes) -> i
 /// What the handshake does after a state.
 enum Next {
     Again,
-    Flush,
     Read,
     Done,
 }
@@ -443,8 +443,8 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, 
                 // An empty record: look again.
                 Processed::Plaintext => {}
                 Processed::NeedRead => {
-                    // Whatever the state machine queued (a key update's answer) goes when it can;
-                    // it does not hold up reading.
+                    // Whatever the state machine queued (a session ticket, a key update's answer)
+                    // goes when it can; it does not hold up reading.
                     if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
                         return Poll::Ready(Err(e));
                     }
@@ -466,8 +466,11 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, 
 impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C, IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        // What was encrypted before goes first: the backpressure a slow peer applies.
-        ready!(this.poll_flush_outgoing(cx))?;
+        // What was encrypted before goes first (the backpressure a slow peer applies), unless it
+        // and this write's record fit in one send buffer, for the next flush to send together.
+        if this.outgoing.len() + data.len().min(MAX_WRITE) + RECORD_OVERHEAD > pool::TLS_OUT_SIZE {
+            ready!(this.poll_flush_outgoing(cx))?;
+        }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -480,12 +483,8 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C,
                 Err(e) => return Poll::Ready(Err(this.last_gasp(cx, e))),
             };
             match processed {
-                Processed::Wrote(n) => {
-                    if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
-                        return Poll::Ready(Err(e));
-                    }
-                    return Poll::Ready(Ok(n));
-                }
+                // Sent by the caller's flush (or shutdown), or by the next write that does not fit.
+                Processed::Wrote(n) => return Poll::Ready(Ok(n)),
                 // Records that were waiting for the reader were set aside; go on.
                 Processed::Plaintext => {}
                 Processed::NeedRead | Processed::Closed => {
@@ -525,6 +524,10 @@ struct Bytes {
 impl Bytes {
     fn new(size: usize) -> Bytes {
         Bytes { buf: None, start: 0, end: 0, size }
+    }
+
+    fn len(&self) -> usize {
+        self.end - self.start
     }
 
     fn is_empty(&self) -> bool {
@@ -884,5 +887,37 @@ mod tests {
         let answer = browser.await.unwrap();
         // A plaintext alert record: type 21, a version, length 2, fatal (2), a description.
         assert!(answer.len() == 7 && answer[0] == 21 && answer[3..6] == [0, 2, 2], "{answer:?}");
+    }
+
+    /// A write is sent by the flush (or the shutdown) that follows it, so that a last message
+    /// and the close_notify after it leave in one send.
+    #[tokio::test]
+    async fn a_write_waits_for_the_flush_and_goes_with_the_close_notify() {
+        let (listener, server, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = tokio_rustls::TlsAcceptor::from(server).accept(tcp).await.unwrap();
+            // From here on, the raw TLS records as they come.
+            let mut buf = vec![0; 4096];
+            loop {
+                let n = tls.get_mut().0.read(&mut buf).await.unwrap();
+                tx.send(buf[..n].to_vec()).unwrap();
+                if n == 0 {
+                    return;
+                }
+            }
+        });
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"").await.unwrap();
+        gw.write_all(b"last message").await.unwrap();
+        let early = tokio::time::timeout(std::time::Duration::from_millis(200), rx.recv()).await;
+        assert!(early.is_err(), "nothing is sent before the flush: {early:?}");
+        gw.shutdown().await.unwrap();
+        let sent = rx.recv().await.unwrap();
+        // Two TLS 1.3 records in the one read: the message (12 bytes, 5 of header, 1 of
+        // content type, 16 of tag) and the close_notify (2 bytes of alert).
+        assert_eq!(sent.len(), (5 + 12 + 1 + 16) + (5 + 2 + 1 + 16), "{sent:?}");
     }
 }
