@@ -795,9 +795,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             Some(Stop::Close { code, reason, .. }) => (n, Some(DirEnd::ForwardedClose(code, reason))),
             Some(Stop::Fault(fault)) => (n, Some(DirEnd::Fault(fault))),
         };
-        // A close that answers the other direction's is the last thing this one writes, and
-        // the shutdown that follows at once flushes it: over TLS, in one send with the
-        // close_notify.
+        // A close forwarded once the other direction has ended (its close answered, mostly) is
+        // the last thing this one writes, and the shutdown that follows at once flushes it
+        // (within FINAL_WRITE): over TLS, in one send with the close_notify.
         let last = matches!(end, Some(DirEnd::ForwardedClose(..))) && shared.finished.load(Ordering::SeqCst) == 1;
         if n > 0 {
             if let Err(end) = self.write(&data[..n], !last, stopped.as_mut()).await {
@@ -868,7 +868,7 @@ pub(crate) mod pool {
     /// Free buffers kept per thread and size; more are freed (about 512 KiB a thread at most).
     const KEPT: usize = 64;
 
-    /// The size of the gateway TLS stream's send buffers: a read buffer's worth of plaintext
+    /// The size of the TLS streams' send buffers: a read buffer's worth of plaintext
     /// encrypted as one record, with room to spare for its header and tag.
     pub const TLS_OUT_SIZE: usize = BUF_SIZE + 64;
 

@@ -67,9 +67,12 @@ impl Session for ServerSession {
     const PEER: &'static str = "the client";
 
     fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        // Cleared before as well as taken after, so that a name left by anything else (a
+        // panic inside rustls, a resolver call from elsewhere) is never taken for this one's.
+        CLIENT_SNI.with(|s| s.borrow_mut().take());
         let status = self.conn.process_tls_records(incoming);
         if let Some(sni) = CLIENT_SNI.with(|s| s.borrow_mut().take()) {
-            self.sni = Some(sni);
+            self.sni.get_or_insert(sni);
         }
         status
     }
@@ -84,7 +87,7 @@ thread_local! {
 }
 
 /// Called by the listener's certificate resolver with the name a ClientHello asked for.
-pub fn saw_client_sni(name: &str) {
+pub(crate) fn saw_client_sni(name: &str) {
     CLIENT_SNI.with(|s| *s.borrow_mut() = Some(name.into()));
 }
 
@@ -107,6 +110,9 @@ pub struct TlsStream<C, IO> {
     /// The peer sent its close_notify or ended the stream.
     read_closed: bool,
     close_sent: bool,
+    /// A TLS error was met: final, so rustls is not asked again (it would process the broken
+    /// bytes again, and queue a second fatal alert).
+    broken: bool,
 }
 
 /// The relay's TLS stream to a gateway.
@@ -124,6 +130,7 @@ impl<C, IO> TlsStream<C, IO> {
             pending_err: None,
             read_closed: false,
             close_sent: false,
+            broken: false,
         }
     }
 }
@@ -175,7 +182,7 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     async fn handshake_steps(&mut self, first: &[u8]) -> io::Result<()> {
         let mut first_sent = first.is_empty();
         loop {
-            let TlsStream { conn, incoming, outgoing, plaintext, .. } = &mut *self;
+            let TlsStream { conn, incoming, outgoing, plaintext, read_closed, .. } = &mut *self;
             let (mut discard, state) = next_state(conn, incoming)?;
             let next = match state {
                 ConnectionState::EncodeTlsData(mut e) => {
@@ -212,7 +219,14 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
                     }
                     Next::Again
                 }
-                ConnectionState::PeerClosed | ConnectionState::Closed => return Err(closed_in_handshake::<C>()),
+                // A close_notify right after the peer's Finished (a health check does this): the
+                // handshake goes on to its end, and reads then find the end of the stream. Said
+                // once; before the Finished, the next read finds the end and fails the handshake.
+                ConnectionState::PeerClosed => {
+                    *read_closed = true;
+                    Next::Again
+                }
+                ConnectionState::Closed => return Err(closed_in_handshake::<C>()),
                 _ => return Err(io::Error::other("unexpected TLS state during the handshake")),
             };
             incoming.consume(discard);
@@ -269,9 +283,13 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     /// encrypts up to one record of it once the write state is reached; with `out`, delivers
     /// decrypted records there (what does not fit is set aside).
     fn process(&mut self, out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
+        if self.broken {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the TLS session with {} failed", C::PEER)));
+        }
         let mut delivered = false;
         let result = self.process_records(out, write, close, &mut delivered);
         if result.is_err() {
+            self.broken = true;
             self.queue_alert();
         }
         match result {
@@ -283,11 +301,12 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
         }
     }
 
-    /// After a TLS error, queues the alert rustls has for the peer (if any), as tokio-rustls's
-    /// "last-gasp write" does; the caller's next flush sends it.
+    /// After a TLS error, queues the alert rustls has for the peer (if any), for
+    /// [`TlsStream::last_gasp`] to send, as tokio-rustls's "last-gasp write" does. Called once
+    /// per stream.
     fn queue_alert(&mut self) {
-        // rustls hands out what it queued before it looks at the input again. Only once: a
-        // second call would process the broken bytes again.
+        // rustls hands out what it queued before it looks at the input again; a second call
+        // would process the broken bytes again.
         let TlsStream { conn, incoming, outgoing, .. } = self;
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = conn.records(incoming.filled()).state {
             let _ = fill(outgoing, RECORD_OVERHEAD, |buf| e.encode(buf).map_err(encode_error));
@@ -767,6 +786,10 @@ mod tests {
         assert_eq!(&buf[..n], b"close frame");
         let err = gw.read(&mut buf).await.expect_err("then the broken record's error");
         assert!(err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some(), "{err}");
+        // After the error rustls is not asked again: it would process the broken record again
+        // (and, in a debug build, panic on its second fatal alert).
+        assert!(gw.read(&mut buf).await.is_err(), "the error is final");
+        let _ = gw.shutdown().await;
     }
 
     /// rustls's unbuffered API hands over one record per call; a read must still return all
@@ -919,5 +942,41 @@ mod tests {
         // Two TLS 1.3 records in the one read: the message (12 bytes, 5 of header, 1 of
         // content type, 16 of tag) and the close_notify (2 bytes of alert).
         assert_eq!(sent.len(), (5 + 12 + 1 + 16) + (5 + 2 + 1 + 16), "{sent:?}");
+    }
+
+    /// A client whose close_notify comes in the same segment as its Finished (a health check,
+    /// a scanner) has finished its handshake: what it sent is read, then the end of the stream.
+    #[tokio::test]
+    async fn a_close_notify_with_the_finished_ends_the_stream_not_the_handshake() {
+        let (listener, server, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let browser = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            let mut conn = rustls::ClientConnection::new(client, ServerName::try_from("gw.test").unwrap()).unwrap();
+            while conn.is_handshaking() {
+                if conn.wants_write() {
+                    conn.write_tls(&mut tcp).unwrap();
+                    continue;
+                }
+                conn.read_tls(&mut tcp).unwrap();
+                conn.process_new_packets().unwrap();
+            }
+            // The Finished is queued, not written: the rest joins it in one write.
+            conn.writer().write_all(b"bye").unwrap();
+            conn.send_close_notify();
+            let mut all = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut all).unwrap();
+            }
+            tcp.write_all(&all).unwrap();
+            tcp
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = accept(server, tcp).await.expect("the handshake finished");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+        drop(browser.await.unwrap());
     }
 }
