@@ -877,6 +877,15 @@ pub(crate) mod pool {
         static FREE_TLS_OUT: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
     }
 
+    /// This thread's free buffers of `size`, if it pools that size.
+    fn free_list(size: usize) -> Option<&'static std::thread::LocalKey<RefCell<Vec<Box<[u8]>>>>> {
+        match size {
+            BUF_SIZE => Some(&FREE),
+            TLS_OUT_SIZE => Some(&FREE_TLS_OUT),
+            _ => None,
+        }
+    }
+
     /// A free buffer of this thread's, or a new one.
     pub fn take() -> Box<[u8]> {
         take_of(BUF_SIZE)
@@ -884,21 +893,12 @@ pub(crate) mod pool {
 
     /// A free buffer of `size` ([`BUF_SIZE`] or [`TLS_OUT_SIZE`]), or a new one.
     pub fn take_of(size: usize) -> Box<[u8]> {
-        let free = match size {
-            BUF_SIZE => &FREE,
-            TLS_OUT_SIZE => &FREE_TLS_OUT,
-            _ => return vec![0; size].into_boxed_slice(),
-        };
-        free.with(|f| f.borrow_mut().pop()).unwrap_or_else(|| vec![0; size].into_boxed_slice())
+        free_list(size).and_then(|free| free.with(|f| f.borrow_mut().pop())).unwrap_or_else(|| vec![0; size].into_boxed_slice())
     }
 
     /// Gives a buffer back to this thread's pool of its size (one of another size is freed).
     pub fn give(buf: Box<[u8]>) {
-        let free = match buf.len() {
-            BUF_SIZE => &FREE,
-            TLS_OUT_SIZE => &FREE_TLS_OUT,
-            _ => return,
-        };
+        let Some(free) = free_list(buf.len()) else { return };
         free.with(|f| {
             let mut free = f.borrow_mut();
             if free.len() < KEPT {

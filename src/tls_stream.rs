@@ -67,6 +67,11 @@ impl Session for ServerSession {
     const PEER: &'static str = "the client";
 
     fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ServerConnectionData> {
+        // The resolver runs on the ClientHello only: once the handshake is over, each record
+        // goes straight to rustls.
+        if !self.conn.is_handshaking() {
+            return self.conn.process_tls_records(incoming);
+        }
         // Cleared before as well as taken after, so that a name left by anything else (a
         // panic inside rustls, a resolver call from elsewhere) is never taken for this one's.
         CLIENT_SNI.with(|s| s.borrow_mut().take());
@@ -694,45 +699,58 @@ mod tests {
         (listener, Arc::new(server), Arc::new(client))
     }
 
+    /// Longer than a pool buffer and than a TLS record.
+    fn big() -> Vec<u8> {
+        (0..40_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// The accepting side of a round trip: "hello" and [`big`] in and echoed, its close_notify,
+    /// then what the other side wrote after it.
+    async fn server_side<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Vec<u8> {
+        let big = big();
+        let mut got = vec![0; 5 + big.len()];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(&got[..5] == b"hello" && got[5..] == big[..], "the server got the client's bytes unchanged");
+        s.write_all(&got[5..]).await.unwrap();
+        // close_notify, then wait for the client's bytes after it, then its close_notify.
+        s.shutdown().await.unwrap();
+        let mut after = Vec::new();
+        s.read_to_end(&mut after).await.unwrap();
+        after
+    }
+
+    /// The connecting side, "hello" sent: [`big`] out and its echo back, the server's
+    /// close_notify, then "late" (TLS half-close) and its own close_notify.
+    async fn client_side<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+        let big = big();
+        s.write_all(&big).await.unwrap();
+        s.flush().await.unwrap();
+        let mut echoed = vec![0; big.len()];
+        s.read_exact(&mut echoed).await.unwrap();
+        assert!(echoed == big, "the echo came back unchanged");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty(), "the server's close_notify ends the stream");
+        s.write_all(b"late").await.unwrap();
+        s.shutdown().await.unwrap();
+    }
+
+    /// The gateway's side: [`connect`] to a tokio-rustls server.
     async fn roundtrip(versions: &[&'static rustls::SupportedProtocolVersion]) {
         let (listener, acceptor, client) = server_and_client(versions, "test CA").await;
         let addr = listener.local_addr().unwrap();
-        // Longer than a pool buffer and than a TLS record, both ways.
-        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-        let expect = big.clone();
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut tls = tokio_rustls::TlsAcceptor::from(acceptor).accept(tcp).await.unwrap();
-            let mut first = [0u8; 5];
-            tls.read_exact(&mut first).await.unwrap();
-            assert_eq!(&first, b"hello");
-            let mut got = vec![0; expect.len()];
-            tls.read_exact(&mut got).await.unwrap();
-            assert!(got == expect, "the server got the client's bytes unchanged");
-            tls.write_all(&got).await.unwrap();
-            // close_notify, then wait for the client's bytes after it, then its close_notify.
-            tls.shutdown().await.unwrap();
-            let mut after = Vec::new();
-            tls.read_to_end(&mut after).await.unwrap();
-            after
+            server_side(&mut tls).await
         });
         let tcp = TcpStream::connect(addr).await.unwrap();
         let mut gw = connect(client, ServerName::try_from("gw.test").unwrap(), tcp, b"hello").await.unwrap();
-        gw.write_all(&big).await.unwrap();
-        gw.flush().await.unwrap();
-        let mut echoed = vec![0; big.len()];
-        gw.read_exact(&mut echoed).await.unwrap();
-        assert!(echoed == big, "the echo came back unchanged");
-        let mut rest = Vec::new();
-        gw.read_to_end(&mut rest).await.unwrap();
-        assert!(rest.is_empty(), "the server's close_notify ends the stream");
-        // Idle, the stream holds no TLS buffer.
+        client_side(&mut gw).await;
+        // Done, the stream holds no TLS buffer.
         assert!(gw.incoming.buf.is_none() && gw.outgoing.buf.is_none() && gw.plaintext.capacity() == 0);
-        // Writing after the gateway's close_notify still works (TLS half-close).
-        gw.write_all(b"late").await.unwrap();
-        gw.shutdown().await.unwrap();
         assert!(gw.write(b"x").await.is_err(), "nothing is written after the relay's close_notify");
-        assert_eq!(server.await.unwrap(), b"late");
+        assert_eq!(server.await.unwrap(), b"late", "writing after the gateway's close_notify still works");
     }
 
     #[tokio::test]
@@ -849,34 +867,16 @@ mod tests {
     async fn serve_roundtrip(versions: &[&'static rustls::SupportedProtocolVersion]) {
         let (listener, server, client) = server_and_client(versions, "test CA").await;
         let addr = listener.local_addr().unwrap();
-        let big: Vec<u8> = (0..40_000u32).map(|i| (i % 251) as u8).collect();
-        let sent = big.clone();
         let browser = tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let connector = tokio_rustls::TlsConnector::from(client);
             let mut tls = connector.connect(ServerName::try_from("gw.test").unwrap(), tcp).await.unwrap();
             tls.write_all(b"hello").await.unwrap();
-            tls.write_all(&sent).await.unwrap();
-            tls.flush().await.unwrap();
-            let mut echoed = vec![0; sent.len()];
-            tls.read_exact(&mut echoed).await.unwrap();
-            assert!(echoed == sent, "the echo came back unchanged");
-            let mut rest = Vec::new();
-            tls.read_to_end(&mut rest).await.unwrap();
-            assert!(rest.is_empty(), "the relay's close_notify ends the stream");
-            tls.write_all(b"late").await.unwrap();
-            tls.shutdown().await.unwrap();
+            client_side(&mut tls).await;
         });
         let (tcp, _) = listener.accept().await.unwrap();
         let mut s = accept(server, tcp).await.unwrap();
-        let mut got = vec![0; 5 + big.len()];
-        s.read_exact(&mut got).await.unwrap();
-        assert!(&got[..5] == b"hello" && got[5..] == big[..], "the relay got the browser's bytes unchanged");
-        s.write_all(&got[5..]).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut after = Vec::new();
-        s.read_to_end(&mut after).await.unwrap();
-        assert_eq!(after, b"late", "reading goes on after the relay's close_notify");
+        assert_eq!(server_side(&mut s).await, b"late", "reading goes on after the relay's close_notify");
         assert!(s.incoming.buf.is_none() && s.outgoing.buf.is_none() && s.plaintext.capacity() == 0, "done, the stream holds no TLS buffer");
         browser.await.unwrap();
     }
