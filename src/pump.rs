@@ -19,8 +19,11 @@
 //!
 //! It is generic over `AsyncRead`/`AsyncWrite`, so unit tests drive it with in-memory pipes.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -133,7 +136,7 @@ where
     UW: AsyncWrite + Unpin,
 {
     let shared = Shared {
-        stop: CancellationToken::new(),
+        stop: StopFlag::default(),
         decided: Mutex::new(None),
         reason: OnceLock::new(),
         finished: AtomicUsize::new(0),
@@ -160,7 +163,7 @@ where
             _ = idle(&shared, opts.idle_timeout) => Ending::Idle,
         };
         shared.decide(Decided { ending, peer_close: None, error: None });
-        shared.stop.cancel();
+        shared.stop.set().await;
         std::future::pending::<()>().await
     };
     tokio::select! {
@@ -206,8 +209,8 @@ struct Decided {
 
 /// State the two directions of one connection share (they run in the same task).
 struct Shared<'a> {
-    /// Cancelled once the connection is ending; each direction then stops reading.
-    stop: CancellationToken,
+    /// Set once the connection is ending; each direction then stops reading.
+    stop: StopFlag,
     /// The first ending decided wins.
     decided: Mutex<Option<Decided>>,
     reason: OnceLock<String>,
@@ -574,7 +577,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 decide(Ending::Silent(self.to), None, None);
             }
         }
-        shared.stop.cancel();
+        shared.stop.set().await;
         self.finish(shared).await;
         // The relay closed this direction's reading side itself: let it answer before its socket
         // is dropped (RFC 6455 §7.1.1), so its answer does not meet a reset.
@@ -661,7 +664,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
 
     async fn run(&mut self, initial: Vec<u8>, shared: &Shared<'_>) -> DirEnd {
         // One waiter on the stop token for the life of the direction, not one per read.
-        let stopped = shared.stop.cancelled();
+        let stopped = shared.stop.wait();
         tokio::pin!(stopped);
         if !initial.is_empty() {
             let (n, stop) = self.scanner.scan(&initial);
@@ -682,9 +685,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 self.end -= self.start;
                 self.start = 0;
             }
+            // In this order, so that a ready read polls nothing else: the stop is a flag, and a
+            // tick can wait while data flows (it is forwarded to the side a ping would go to,
+            // and a dead side stops taking writes, which `write` notices).
             let read = tokio::select! {
-                r = pool::read(&mut self.reader, &mut self.buf, self.end) => r,
+                biased;
                 _ = &mut stopped => return DirEnd::Stopped,
+                r = pool::read(&mut self.reader, &mut self.buf, self.end) => r,
                 _ = tick(&mut self.ping_timer) => {
                     if let Some(end) = Box::pin(self.ping(shared, stopped.as_mut())).await {
                         return end;
@@ -825,12 +832,52 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
 async fn await_other(shared: &Shared<'_>) {
     tokio::select! {
         _ = tokio::time::sleep(CLOSE_GRACE) => {}
-        _ = shared.stop.cancelled() => {}
+        _ = shared.stop.wait() => {}
     }
 }
 
-/// The direction's pinned wait on the stop token.
-type Stopped<'p, 't> = std::pin::Pin<&'p mut tokio_util::sync::WaitForCancellationFuture<'t>>;
+/// The connection's stop. Both directions and the watcher run in one task and are polled
+/// together whenever it wakes, so a flag is enough: setting it wakes that task, and every wait
+/// on it is polled again then. (A `CancellationToken` takes two locks per poll, and each read
+/// of a pump polls it.)
+#[derive(Default)]
+struct StopFlag(AtomicBool);
+
+impl StopFlag {
+    /// Sets the flag and wakes the connection's task (the caller's own).
+    async fn set(&self) {
+        std::future::poll_fn(|cx| {
+            self.0.store(true, Ordering::Release);
+            cx.waker().wake_by_ref();
+            Poll::Ready(())
+        })
+        .await
+    }
+
+    /// Resolves once the flag is set; only for waits inside the connection's task.
+    fn wait(&self) -> StopWait<'_> {
+        StopWait(self)
+    }
+}
+
+/// A wait on the connection's [`StopFlag`]. It registers no waker of its own: whoever sets the
+/// flag runs in the same task and wakes it.
+struct StopWait<'a>(&'a StopFlag);
+
+impl Future for StopWait<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        if self.0 .0.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// The direction's pinned wait on the stop flag.
+type Stopped<'p, 't> = Pin<&'p mut StopWait<'t>>;
 
 /// Runs the pump's frame scanner alone over `bytes`, for the UTF-8 cost benchmark
 /// (`benches/utf8_cost.rs`); returns the messages seen.
@@ -877,8 +924,10 @@ pub(crate) mod pool {
         static FREE_TLS_OUT: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
     }
 
+    type FreeList = std::thread::LocalKey<RefCell<Vec<Box<[u8]>>>>;
+
     /// This thread's free buffers of `size`, if it pools that size.
-    fn free_list(size: usize) -> Option<&'static std::thread::LocalKey<RefCell<Vec<Box<[u8]>>>>> {
+    fn free_list(size: usize) -> Option<&'static FreeList> {
         match size {
             BUF_SIZE => Some(&FREE),
             TLS_OUT_SIZE => Some(&FREE_TLS_OUT),
