@@ -854,6 +854,10 @@ impl StopFlag {
         .await
     }
 
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+
     /// Resolves once the flag is set; only for waits inside the connection's task.
     fn wait(&self) -> StopWait<'_> {
         StopWait(self)
@@ -868,7 +872,7 @@ impl Future for StopWait<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
-        if self.0 .0.load(Ordering::Acquire) {
+        if self.0.is_set() {
             Poll::Ready(())
         } else {
             Poll::Pending

@@ -568,7 +568,7 @@ impl Bytes {
     /// How much room to read into next: what is left of the buffer, or as much again as it
     /// holds when that is little (a record or handshake message longer than a buffer).
     fn read_room(&self, peer: &str) -> io::Result<usize> {
-        let held = self.end - self.start;
+        let held = self.len();
         if held >= MAX_HELD {
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("a TLS message from {peer} is too long")));
         }
@@ -579,7 +579,7 @@ impl Bytes {
 
     /// Room for at least `more` bytes after what is held (moved to the front first).
     fn spare(&mut self, more: usize) -> &mut [u8] {
-        let held = self.end - self.start;
+        let held = self.len();
         let size = self.size;
         let buf = self.buf.get_or_insert_with(|| pool::take_of(size));
         if self.start > 0 {
