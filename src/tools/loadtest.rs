@@ -4,8 +4,8 @@
 //! - `idle`: open N connections (each relays one message), hold them, report connect times;
 //! - `churn`: C workers loop connect + TLS + upgrade + one echo + close, report cycles per second;
 //! - `echo`: N connections send numbered messages at a fixed total rate, open loop (latency counts
-//!   from each message's intended send time, so a stall is not hidden), every echo checked for
-//!   loss, reordering and duplication.
+//!   from each message's intended send time, less at most the timer's 1 ms resolution, so a stall
+//!   is not hidden), every echo checked for loss, reordering and duplication.
 //!
 //! Runs are bounded in connections and time, and only loopback targets are allowed unless
 //! `--allow-non-loopback` says otherwise.
@@ -675,8 +675,13 @@ async fn echo(plan: &Plan, client: Arc<Client>, errors: Arc<Errors>) -> Report {
                         break;
                     }
                     tokio::time::sleep_until(intended.into()).await;
+                    // tokio's timer fires on the first millisecond tick at or after `intended`:
+                    // that wait is the client's own, not the target's, so latency counts from the
+                    // wake-up, but never from later than 1 ms after the intended time (a client
+                    // that falls behind its schedule still has its backlog counted).
+                    let stamp = Instant::now().min(intended + Duration::from_millis(1));
                     payload[..8].copy_from_slice(&seq.to_be_bytes());
-                    payload[8..16].copy_from_slice(&(intended.duration_since(start).as_nanos() as u64).to_be_bytes());
+                    payload[8..16].copy_from_slice(&(stamp.duration_since(start).as_nanos() as u64).to_be_bytes());
                     if let Err(e) = sink.send(payload.clone()).await {
                         errors.add(e);
                         break;
