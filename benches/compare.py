@@ -128,6 +128,25 @@ NGINX_VARIANTS = [
     ("nginx-tls12", "TLSv1 TLSv1.1 TLSv1.2", "TLSv1 TLSv1.1 TLSv1.2"),
 ]
 CHURN_ONLY = {"nginx-tls13", "nginx-tls12"}
+# The floor for latency through any proxy on this machine: nginx's stream module passing TCP
+# through, so the client's TLS runs end to end to the upstream and the proxy does no TLS, HTTP or
+# WebSocket work at all, only the extra hop (two more wake-ups per echo). Echo scenario only.
+PASS = "tcp-pass"
+NGINX_PASS_CONF = """
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+worker_rlimit_nofile 20000;
+pid {d}/tcp-pass.pid;
+error_log {d}/tcp-pass-error.log warn;
+events {{ worker_connections 20000; }}
+stream {{
+  server {{
+    listen 127.0.0.1:{port};
+    proxy_pass 127.0.0.1:{upstream_port};
+    proxy_timeout 1h;
+  }}
+}}
+"""
 NGINX_CONF = """
 worker_processes auto;
 worker_rlimit_nofile 20000;
@@ -173,6 +192,13 @@ def start_targets(d, upstream_port):
         nginx = subprocess.Popen(["nginx", "-c", f"{d}/{name}.conf", "-p", d, "-g", "daemon off;"],
                                  stdout=devnull, stderr=devnull)
         targets.append(Target(name, port, nginx))
+
+    port = free_port()
+    with open(f"{d}/tcp-pass.conf", "w") as f:
+        f.write(NGINX_PASS_CONF.format(d=d, port=port, upstream_port=upstream_port))
+    passthrough = subprocess.Popen(["nginx", "-c", f"{d}/tcp-pass.conf", "-p", d, "-g", "daemon off;"],
+                                   stdout=devnull, stderr=devnull)
+    targets.append(Target(PASS, port, passthrough))
 
     port = free_port()
     with open(f"{d}/haproxy.cfg", "w") as f:
@@ -305,7 +331,7 @@ FIGURES = [
     ("saturation", "p99_us", "saturation p99 (µs)", "lower"),
     ("saturation", "p999_us", "saturation p99.9 (µs)", "lower"),
 ]
-TARGETS = ["direct", "nginx", "nginx-tls13", "nginx-tls12", "haproxy", "sigrelay"]
+TARGETS = ["direct", PASS, "nginx", "nginx-tls13", "nginx-tls12", "haproxy", "sigrelay"]
 
 
 def calibrate(d, up_port):
@@ -389,7 +415,7 @@ def markdown(rows, med, meta):
 
 def svg(med, path):
     """Two bar groups: echo p50/p99 latency and RSS per idle connection, one bar per target."""
-    colors = {"direct": "#999999", "nginx": "#2b8a3e", "haproxy": "#1c7ed6", "sigrelay": "#e8590c"}
+    colors = {"direct": "#999999", PASS: "#cccccc", "nginx": "#2b8a3e", "haproxy": "#1c7ed6", "sigrelay": "#e8590c"}
     panels = [("echo latency below saturation (µs)", [("p50", ("echo", "p50_us")), ("p99", ("echo", "p99_us"))]),
               ("RSS per idle connection (KiB)", [("KiB", ("idle", "rss_per_conn_kib"))])]
     shown = [t for t in TARGETS if any(med.get((s, k, t)) for _, g in panels for _, (s, k) in g)]
@@ -465,6 +491,8 @@ def main():
                     order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]
                     for t in order:
                         if t.name in CHURN_ONLY and scen != "churn":
+                            continue
+                        if t.name == PASS and scen != "echo":
                             continue
                         if args.only and t.name not in args.only.split(","):
                             continue
