@@ -470,29 +470,74 @@ fn default_routes() -> Vec<RawRoute> {
     ]
 }
 
+/// Settings from the command line (or their environment variables) that take the place of the
+/// file's. They go in before the file is validated, so every check applies to them as well:
+/// `--admin-listen 0.0.0.0:9090` without a token is refused as the same line in the file is.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--listen` (`SIGRELAY_LISTEN`), for `[server] listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--admin-listen` (`SIGRELAY_ADMIN_LISTEN`), for `[admin] listen`; `off` turns it off.
+    pub admin_listen: Option<String>,
+}
+
+impl Overrides {
+    fn apply(&self, raw: &mut RawConfig) {
+        if let Some(l) = self.listen {
+            raw.server.listen = Some(l.to_string());
+        }
+        if let Some(a) = &self.admin_listen {
+            raw.admin.listen = Some(a.clone());
+        }
+    }
+
+    /// A problem with an overridden key names the flag it came from, not only the file's key.
+    fn name(&self, problem: &mut Problem) {
+        let flag = match problem.key.as_str() {
+            "server.listen" if self.listen.is_some() => "--listen or SIGRELAY_LISTEN",
+            "admin.listen" if self.admin_listen.is_some() => "--admin-listen or SIGRELAY_ADMIN_LISTEN",
+            _ => return,
+        };
+        problem.key = format!("{} (from {flag})", problem.key);
+    }
+}
+
 impl Config {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_with(path, &Overrides::default())
+    }
+
+    /// Reads a configuration file, puts the command line's settings over it, and validates the
+    /// result.
+    pub fn load_with(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             file: file.clone(),
             problems: vec![Problem { key: "-".into(), message: format!("cannot read: {e}") }],
         })?;
-        Config::parse(&text, &file)
+        Config::parse_with(&text, &file, overrides)
     }
 
     /// Validates configuration text; `file` names it in problems.
     pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        Config::parse_with(text, file, &Overrides::default())
+    }
+
+    /// Validates configuration text with the command line's settings over it.
+    pub fn parse_with(text: &str, file: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let fail = |problems: Vec<Problem>| ConfigError { file: file.to_string(), problems };
         let de = toml::Deserializer::parse(text).map_err(|e| {
             fail(vec![Problem { key: "-".into(), message: one_line(&e.to_string()) }])
         })?;
-        let raw: RawConfig = serde_ignored::deserialize(de, |path| {
+        let mut raw: RawConfig = serde_ignored::deserialize(de, |path| {
             problems.push(Problem { key: path.to_string(), message: "unknown key".into() });
         })
         .map_err(|e| fail(vec![Problem { key: "-".into(), message: one_line(&e.to_string()) }]))?;
+        overrides.apply(&mut raw);
         let config = validate(raw, &mut problems);
+        problems.iter_mut().for_each(|p| overrides.name(p));
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -143,18 +143,10 @@ fn check_config(path: &std::path::Path) -> ExitCode {
     ExitCode::FAILURE
 }
 
-/// The config file with the command line's settings over it.
+/// The config file with the command line's settings over it, validated together.
 fn load(path: &std::path::Path, listen: Option<SocketAddr>, admin_listen: Option<&str>) -> anyhow::Result<Config> {
-    let mut config = Config::load(path)?;
-    if let Some(l) = listen {
-        config.server.listen = l;
-    }
-    match admin_listen {
-        None => {}
-        Some("off") => config.admin.listen = None,
-        Some(a) => config.admin.listen = Some(a.parse().with_context(|| format!("--admin-listen {a:?}"))?),
-    }
-    Ok(config)
+    let overrides = sigrelay::config::Overrides { listen, admin_listen: admin_listen.map(str::to_string) };
+    Ok(Config::load_with(path, &overrides)?)
 }
 
 fn run(args: RunArgs) -> ExitCode {

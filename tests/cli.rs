@@ -64,6 +64,33 @@ fn version_and_help() {
     }
 }
 
+/// `--admin-listen` (or its variable) on a public address is refused as the same line in the
+/// file would be: the admin listener lists and closes connections.
+#[test]
+fn a_public_admin_address_on_the_command_line_needs_a_token_too() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::copy(Path::new(REPO).join("config/sigrelay.toml"), dir.path().join("config/sigrelay.toml")).unwrap();
+    for (flag, env) in [(Some("0.0.0.0:0"), None), (None, Some("0.0.0.0:0"))] {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(dir.path()).args(["run", "--listen", "127.0.0.1:0"]);
+        if let Some(a) = flag {
+            cmd.args(["--admin-listen", a]);
+        }
+        if let Some(a) = env {
+            cmd.env("SIGRELAY_ADMIN_LISTEN", a);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+        // Before the fix it started and served: the timeout kills it and fails the test.
+        let status = wait_with_timeout(&mut child, Duration::from_secs(20));
+        let mut err = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(err.contains("admin.listen (from --admin-listen or SIGRELAY_ADMIN_LISTEN)"), "{err}");
+        assert!(err.contains("token_file"), "{err}");
+    }
+}
+
 /// A fresh checkout: the shipped config, no certificates yet. sigrelay generates the dev pair,
 /// serves, writes records only on stdout, and exits 0 on SIGTERM.
 #[test]

@@ -450,4 +450,14 @@ fn a_public_admin_address_needs_a_token_or_an_explicit_opt_out() {
     assert!(err.to_string().contains("token_file"), "{err}");
     sigrelay::Config::parse("[admin]\nlisten = \"0.0.0.0:9090\"\nallow_unauthenticated = true\n", "t.toml").unwrap();
     sigrelay::Config::parse("[admin]\nlisten = \"[::1]:9090\"\n", "t.toml").unwrap();
+
+    // The command line's address is checked as the file's is, and the problem names the flag.
+    let public = sigrelay::config::Overrides { admin_listen: Some("0.0.0.0:9090".into()), ..Default::default() };
+    let err = sigrelay::Config::parse_with("", "t.toml", &public).unwrap_err().to_string();
+    assert!(err.contains("admin.listen (from --admin-listen or SIGRELAY_ADMIN_LISTEN)"), "{err}");
+    assert!(err.contains("token_file"), "{err}");
+    sigrelay::Config::parse_with("[admin]\nallow_unauthenticated = true\n", "t.toml", &public).unwrap();
+    let off = sigrelay::config::Overrides { admin_listen: Some("off".into()), ..Default::default() };
+    let c = sigrelay::Config::parse_with("[admin]\nlisten = \"0.0.0.0:9090\"\n", "t.toml", &off).unwrap();
+    assert_eq!(c.admin.listen, None, "--admin-listen off takes the file's public address away, and its problem with it");
 }
