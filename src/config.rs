@@ -38,7 +38,7 @@ pub struct TurnSettings {
     /// target with SNI and full verification.
     pub upstream: UpstreamTarget,
     /// What browsers are told in place of the upstream's `turns:` URLs; `None` until derived from
-    /// the certificate's first DNS name when unset.
+    /// the certificate's first DNS name that is not a wildcard when unset.
     pub public_url: Option<String>,
     /// Close a TURN connection after this long without a byte either way (default 60 s: a live
     /// one carries ICE consent checks every few seconds). `None`: never.
