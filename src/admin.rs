@@ -27,8 +27,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves the admin endpoints until `stop` fires.
-pub async fn serve(listener: TcpListener, app: Arc<App>, settings: AdminSettings, token: Option<String>, stop: CancellationToken) {
-    let token: Option<Arc<str>> = token.map(Arc::from);
+pub async fn serve(listener: TcpListener, app: Arc<App>, settings: AdminSettings, stop: CancellationToken) {
     let host_names: Arc<[String]> = settings.host_names.into();
     let gate = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -47,10 +46,10 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, settings: AdminSettings
             tracing::warn!(%peer, max = MAX_CONNECTIONS, "admin connection refused: too many open");
             continue;
         };
-        let (app, token, host_names, stop) = (app.clone(), token.clone(), host_names.clone(), stop.clone());
+        let (app, host_names, stop) = (app.clone(), host_names.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let svc = service_fn(move |req| handle(req, app.clone(), token.clone(), host_names.clone()));
+            let svc = service_fn(move |req| handle(req, app.clone(), host_names.clone()));
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
             tokio::select! {
@@ -72,7 +71,7 @@ fn host_allowed(headers: &http::HeaderMap, names: &[String]) -> bool {
     host.parse::<std::net::IpAddr>().is_ok() || host.eq_ignore_ascii_case("localhost") || names.iter().any(|n| n.eq_ignore_ascii_case(host))
 }
 
-async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>, host_names: Arc<[String]>) -> Result<Resp, Infallible> {
+async fn handle(req: Request<Incoming>, app: Arc<App>, host_names: Arc<[String]>) -> Result<Resp, Infallible> {
     let path = req.uri().path();
     let method = req.method();
     if !host_allowed(req.headers(), &host_names) {
@@ -84,7 +83,8 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, token: Option<Arc<str>>, 
     if method == Method::GET && path == "/readyz" {
         return Ok(readyz(&app));
     }
-    if let Some(token) = &token {
+    // The token in force now: a reload may have replaced it.
+    if let Some(token) = app.admin_token.load_full() {
         let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let ok = given.and_then(|v| v.strip_prefix("Bearer ")).is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
         if !ok {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
@@ -77,6 +77,9 @@ pub struct App {
     pub probes: ProbeCache,
     /// The admin listener's bound address, once it is listening.
     pub admin_addr: OnceLock<SocketAddr>,
+    /// The admin endpoints' bearer token, from `[admin] token_file`: read at start and again on
+    /// every reload, so a leaked token is replaced without a restart.
+    pub admin_token: ArcSwapOption<String>,
     /// Set once every thread is accepting.
     accepting: AtomicBool,
     /// What systemd is told (READY, RELOADING, STOPPING), kept in order.
@@ -96,6 +99,17 @@ pub enum StartError {
     AdminToken(std::io::Error),
     #[error("starting the server.threads accept threads: {0}")]
     Threads(std::io::Error),
+}
+
+/// Why a reload was refused; the running configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("server.proxy_protocol stays on until a restart, and the new server.proxy_protocol_from (or trusted_proxies) lists no balancer: every connection would be refused")]
+    NoBalancer,
+    #[error("admin.token_file: {0}")]
+    AdminToken(String),
 }
 
 /// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
@@ -133,6 +147,7 @@ impl App {
             limiter,
             probes: ProbeCache::default(),
             admin_addr: OnceLock::new(),
+            admin_token: ArcSwapOption::empty(),
             accepting: AtomicBool::new(false),
             systemd: crate::systemd::Notifier::default(),
             current: ArcSwap::from_pointee(current),
@@ -144,29 +159,53 @@ impl App {
         self.current.load_full()
     }
 
-    /// Puts a new configuration's routes, regions, limits, origins, `[turn]` and certificates in
-    /// force.
-    /// Listener settings (address, TLS on/off, PROXY protocol, admin) need a restart. On error
-    /// nothing changes.
-    pub fn reload(&self, config: Config) -> Result<(), TlsError> {
+    /// Puts a new configuration's routes, regions, limits, origins, `[turn]`, certificates and
+    /// admin token in force.
+    /// Listener settings (address, TLS on/off, PROXY protocol, threads), the rest of `[admin]` and
+    /// `[upstream]` need a restart: the running values stay in the configuration put in force, so
+    /// nothing reads a value the listener does not use. On error nothing changes.
+    pub fn reload(&self, mut config: Config) -> Result<(), ReloadError> {
         let old = self.current();
-        let (was, now) = (&old.config, &config);
+        let was = &old.config;
         let restart_only = [
-            ("server.listen", was.server.listen != now.server.listen),
-            ("server.tls", was.server.tls != now.server.tls),
-            ("server.proxy_protocol", was.server.proxy_protocol != now.server.proxy_protocol),
-            ("server.threads", was.server.threads != now.server.threads),
-            ("admin", was.admin != now.admin),
-            ("upstream", was.upstream != now.upstream),
+            ("server.listen", was.server.listen != config.server.listen),
+            ("server.tls", was.server.tls != config.server.tls),
+            ("server.proxy_protocol", was.server.proxy_protocol != config.server.proxy_protocol),
+            ("server.threads", was.server.threads != config.server.threads),
+            ("admin", was.admin != config.admin),
+            ("upstream", was.upstream != config.upstream),
         ];
         for (key, changed) in restart_only {
             if changed {
                 tracing::warn!(key, "changed in the file but takes effect only after a restart");
             }
         }
+        config.server.listen = was.server.listen;
+        config.server.tls = was.server.tls;
+        config.server.proxy_protocol = was.server.proxy_protocol;
+        config.server.threads = was.server.threads;
+        config.admin = was.admin.clone();
+        config.upstream = was.upstream.clone();
+        if config.server.proxy_protocol && config.server.proxy_protocol_from.is_empty() {
+            // The file may turn the PROXY protocol off for the next start, but until then every
+            // connection brings a header, and with no balancer listed each would be refused.
+            return Err(ReloadError::NoBalancer);
+        }
+        let token = match &config.admin.token_file {
+            Some(f) => match std::fs::read_to_string(f) {
+                Ok(t) if !t.trim().is_empty() => Some(Arc::new(t.trim().to_string())),
+                Ok(_) => return Err(ReloadError::AdminToken(format!("{} is empty", f.display()))),
+                Err(e) => return Err(ReloadError::AdminToken(format!("{}: {e}", f.display()))),
+            },
+            None => None,
+        };
         self.certs.reload(&config)?;
         self.metrics.set_certificates(&self.certs.expiry());
         self.limiter.update(config.limits.clone());
+        if self.admin_addr.get().is_some() && self.admin_token.load().as_deref() != token.as_deref() {
+            tracing::info!("admin token_file changed: the admin endpoints want the new token");
+            self.admin_token.store(token);
+        }
         self.current.store(Arc::new(Current::new(config, &self.certs)));
         Ok(())
     }

@@ -118,11 +118,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, shutdown: impl Future<O
         let bound = admin.local_addr().map_err(|source| StartError::Admin { addr, source })?;
         let _ = app.admin_addr.set(bound);
         tracing::info!(admin = %bound, "admin listener up (/metrics, /connections, /readyz)");
-        let token = match &current.config.admin.token_file {
-            Some(f) => Some(std::fs::read_to_string(f).map_err(StartError::AdminToken)?.trim().to_string()),
-            None => None,
-        };
-        helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), current.config.admin.clone(), token, background.clone())));
+        if let Some(f) = &current.config.admin.token_file {
+            let token = std::fs::read_to_string(f).map_err(StartError::AdminToken)?.trim().to_string();
+            app.admin_token.store(Some(Arc::new(token)));
+        }
+        helpers.push(tokio::spawn(crate::admin::serve(admin, app.clone(), current.config.admin.clone(), background.clone())));
     }
     helpers.push(tokio::spawn(background_chores(app.clone(), background.clone())));
     if current.config.turn.enabled {

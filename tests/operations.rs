@@ -93,6 +93,56 @@ async fn admin_token_guards_all_but_the_probes() {
     assert!(admin.ip().is_loopback());
 }
 
+/// A rewritten token file is in force after a reload: a leaked token is replaced without a
+/// restart. A reload whose token file is empty is refused and the running token kept.
+#[tokio::test]
+async fn a_reload_puts_a_rewritten_admin_token_in_force() {
+    let pki = Pki::new();
+    let token_file = pki.dir.path().join("admin-token");
+    std::fs::write(&token_file, "old-token\n").unwrap();
+    let admin_keys = format!("token_file = {token_file:?}");
+    let relay = Relay::start_with_admin(&pki, "", "", &admin_keys, "").await;
+    let admin = relay.admin();
+    let get = |t: &'static str| async move { http(admin, "GET", "/metrics", &[("authorization", &format!("Bearer {t}"))]).await.0 };
+    assert_eq!(get("old-token").await, 200);
+    std::fs::write(&token_file, "new-token\n").unwrap();
+    relay.app.reload(Relay::config(&pki, "", "", &admin_keys, "")).unwrap();
+    assert_eq!(get("old-token").await, 401, "the old token no longer opens the admin endpoints");
+    assert_eq!(get("new-token").await, 200);
+    std::fs::write(&token_file, "\n").unwrap();
+    // `[admin]` stays as it runs, so the reload reads the running token file whatever the new
+    // file says (this one, naming none, would not pass validation with the empty file).
+    let err = relay.app.reload(Relay::config(&pki, "", "", "", "")).unwrap_err().to_string();
+    assert!(err.contains("admin.token_file") && err.contains("empty"), "{err}");
+    assert_eq!(get("new-token").await, 200, "a refused reload keeps the token in force");
+}
+
+/// What needs a restart stays as it runs: a file that turns the PROXY protocol off and drops
+/// its balancers is refused on reload (until the restart every connection still brings a
+/// header, and none would be believed); one that keeps a balancer is taken, with the PROXY
+/// protocol still on.
+#[tokio::test]
+async fn a_reload_keeps_the_running_proxy_protocol_and_needs_its_balancers() {
+    let pki = Pki::new();
+    let relay = Relay::start(&pki, "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.0/8\"]", "", "").await;
+    let err = relay.app.reload(Relay::config(&pki, "", "", "", "")).unwrap_err().to_string();
+    assert!(err.contains("proxy_protocol_from"), "{err}");
+    assert_eq!(relay.app.current().config.server.proxy_protocol_from.len(), 1, "the running list is kept");
+    relay.app.reload(Relay::config(&pki, "proxy_protocol_from = [\"127.0.0.1\"]", "", "", "")).unwrap();
+    let now = relay.app.current();
+    assert!(now.config.server.proxy_protocol, "the PROXY protocol stays on until a restart");
+    assert_eq!(now.config.server.proxy_protocol_from.len(), 1);
+    // And the listener still believes the listed balancer's header.
+    let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 443\r\n").await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(pki.client_tls());
+    let mut tls = connector.connect(rustls_pki_types::ServerName::try_from("localhost").unwrap(), tcp).await.unwrap();
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut resp = String::new();
+    tls.read_to_string(&mut resp).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
 #[tokio::test]
 async fn drain_turns_readyz_503_then_closes_with_1012() {
     let pki = Pki::new();
