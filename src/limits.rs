@@ -151,14 +151,27 @@ impl Limiter {
     }
 
     /// Counts `permit`'s connection under `ip` instead of where it was: the client a trusted
-    /// proxy's request names.
-    pub fn attribute(&self, permit: &mut Permit, ip: IpAddr) {
+    /// proxy's request names. Returns the address's count with it.
+    pub fn attribute(&self, permit: &mut Permit, ip: IpAddr) -> usize {
         let limits = self.limits();
-        if permit.counted == Some(key(ip, limits.ipv6_prefix)) {
-            return;
+        let k = key(ip, limits.ipv6_prefix);
+        if permit.counted == Some(k) {
+            return self.per_ip.get(&k).map_or(0, |c| *c);
         }
         permit.uncount_address();
-        self.count_address(permit, ip, &limits);
+        self.count_address(permit, ip, &limits)
+    }
+
+    /// As [`Limiter::attribute`], for the client a PROXY header names at accept: one more than
+    /// [`OVERSHOOT`] over its address's limit is refused there, as a connection from that
+    /// address itself would be, so a client behind the balancer cannot hold the whole total in
+    /// handshakes that never reach an upgrade.
+    pub fn attribute_at_accept(&self, permit: &mut Permit, ip: IpAddr) -> Result<(), Outcome> {
+        let count = self.attribute(permit, ip);
+        if count > self.limits().max_connections_per_ip + OVERSHOOT {
+            return Err(Outcome::OverMaxConnectionsPerIp);
+        }
+        Ok(())
     }
 
     /// Counts the connection under `ip`'s key; returns the key's count with it.
@@ -267,6 +280,25 @@ mod tests {
         assert_eq!(l.over(&p2), Some(Outcome::OverMaxConnectionsPerIp));
         l.attribute(&mut p2, "203.0.113.8".parse().unwrap());
         assert_eq!((l.over(&p1), l.over(&p2)), (None, None), "re-attributed to a client with room");
+    }
+
+    #[test]
+    fn a_client_a_proxy_header_names_is_refused_at_accept_past_the_overshoot() {
+        let l = Limiter::new(limits(None, 1, 1000.0, 1000.0), 1000);
+        let balancer: IpAddr = [10, 0, 0, 9].into();
+        let client: IpAddr = "203.0.113.7".parse().unwrap();
+        let held: Vec<_> = (0..=OVERSHOOT)
+            .map(|_| {
+                let mut p = l.connection(balancer, false).unwrap();
+                l.attribute_at_accept(&mut p, client).unwrap();
+                p
+            })
+            .collect();
+        let mut p = l.connection(balancer, false).unwrap();
+        assert_eq!(l.attribute_at_accept(&mut p, client), Err(Outcome::OverMaxConnectionsPerIp));
+        let mut other = l.connection(balancer, false).unwrap();
+        assert_eq!(l.attribute_at_accept(&mut other, "203.0.113.8".parse().unwrap()), Ok(()));
+        drop(held);
     }
 
     #[test]

@@ -339,7 +339,10 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, threa
                     if let Some(addr) = addr {
                         client_addr = addr;
                         tracing::Span::current().record("client", tracing::field::display(addr));
-                        app.limiter.attribute(&mut permit, addr.ip());
+                        if let Err(outcome) = app.limiter.attribute_at_accept(&mut permit, addr.ip()) {
+                            let why = format!("more than {} connections over the limit: closed at accept", crate::limits::OVERSHOOT);
+                            return early_failure(addr, outcome, why);
+                        }
                     }
                     io
                 }

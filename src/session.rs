@@ -80,7 +80,8 @@ impl ConnContext {
         let mut permit = self.permit.lock().unwrap();
         let permit = permit.as_mut().expect("only the request that upgrades takes the permit");
         if client != self.peer.client_addr {
-            limiter.attribute(permit, client.ip());
+            // Past the limit it is refused just below, with a close the browser can read.
+            let _ = limiter.attribute(permit, client.ip());
         }
         limiter.over(permit).or((!rate_ok).then_some(Outcome::OverHandshakeRate))
     }

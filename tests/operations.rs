@@ -359,6 +359,46 @@ async fn a_proxy_header_split_and_sharing_a_segment_with_tls_is_read_exactly() {
     gw.event("connection").await;
 }
 
+/// The client a PROXY header names is held to its per-address limit from accept, as a direct
+/// client is: past 32 over it, its next connection is closed before its TLS handshake.
+#[tokio::test]
+async fn a_client_behind_the_balancer_is_refused_at_accept_past_its_limit() {
+    let pki = Pki::new();
+    let mut relay = Relay::start(
+        &pki,
+        "proxy_protocol = true\nproxy_protocol_from = [\"127.0.0.0/8\"]\nhandshake_timeout = \"10s\"",
+        "",
+        "[limits]\nmax_connections_per_ip = 1",
+    )
+    .await;
+    let header = b"PROXY TCP4 203.0.113.9 10.0.0.1 51000 443\r\n";
+    // One more than the limit plus the overshoot: whichever the relay counts last is refused
+    // (two threads accept, so not necessarily the last connected).
+    let mut conns = Vec::new();
+    for _ in 0..sigrelay::limits::OVERSHOOT + 2 {
+        let mut tcp = TcpStream::connect(relay.addr).await.unwrap();
+        tcp.write_all(header).await.unwrap();
+        conns.push(tcp);
+    }
+    let r = relay.record("handshake").await;
+    assert_eq!(r["outcome"], "over_max_connections_per_ip", "{r}");
+    assert_eq!(r["client_addr"], "203.0.113.9:51000", "{r}");
+    let mut buf = [0u8; 1];
+    let mut closed = 0;
+    for tcp in &mut conns {
+        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            Err(_) => {}
+            Ok(Ok(0) | Err(_)) => closed += 1,
+            Ok(Ok(n)) => panic!("{n} bytes before a ClientHello"),
+        }
+    }
+    assert_eq!(closed, 1, "exactly the one over the overshoot is closed at accept");
+    // Another client behind the same balancer has its own limit.
+    let mut other = TcpStream::connect(relay.addr).await.unwrap();
+    other.write_all(b"PROXY TCP4 203.0.113.10 10.0.0.1 51000 443\r\n").await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(300), other.read(&mut buf)).await.is_err(), "still open");
+}
+
 /// PROXY headers are believed only from the balancers listed; the rest are refused.
 #[tokio::test]
 async fn a_proxy_header_from_an_unlisted_peer_is_refused() {
