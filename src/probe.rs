@@ -164,6 +164,13 @@ struct ProbeRun {
     done: watch::Receiver<Option<(Instant, Arc<Vec<Probe>>)>>,
 }
 
+impl ProbeRun {
+    /// Whether its task is still probing (it has neither sent results nor gone away).
+    fn running(&self) -> bool {
+        self.done.borrow().is_none() && self.done.has_changed().is_ok()
+    }
+}
+
 impl Probe {
     /// The probe as anyone may read it: its error without internal addresses.
     pub fn redacted(&self) -> Probe {
@@ -172,14 +179,16 @@ impl Probe {
 }
 
 impl ProbeCache {
-    /// The results of the run started less than `interval` ago, or of a new one, and how long
-    /// ago they were gathered. A run is its own task: an asker that leaves cannot cancel it, so
+    /// The results of the run started less than `interval` ago or still going, or of a new one,
+    /// and how long ago they were gathered. A run is its own task: an asker that leaves cannot cancel it, so
     /// runs start at most once per interval however requests come and go.
     pub async fn probes(&self, config: &Config, connector: &Connector, interval: Duration) -> (Duration, Arc<Vec<Probe>>) {
         let mut done = {
             let mut last = self.last_run.lock().unwrap();
             match &*last {
-                Some(run) if run.started.elapsed() < interval => run.done.clone(),
+                // A run still going is joined however long ago it started: runs never overlap,
+                // even when one takes longer than the interval.
+                Some(run) if run.started.elapsed() < interval || run.running() => run.done.clone(),
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     let (config, connector) = (config.clone(), connector.clone());

@@ -130,6 +130,39 @@ async fn probes_cover_every_gateway_and_run_at_most_once_per_interval() {
     assert!(relay.raw(&pki, bare).await.starts_with("HTTP/1.1 403"));
 }
 
+/// A run that takes longer than the interval is joined, not overlapped: every asker while it
+/// goes gets its results, and the gateways see one run's connections.
+#[tokio::test]
+async fn a_probe_run_still_going_is_joined_however_long_ago_it_started() {
+    let pki = Pki::new();
+    // A gateway that accepts and never answers: each probe waits out connect_timeout.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(tcp);
+        }
+    });
+    let relay = Relay::start(&pki, "", "connect_timeout = \"1s\"", &resolve_all_to(addr)).await;
+    let app = relay.app.clone();
+    let config = app.current().config.clone();
+    // An interval of zero: without the join, the second asker would start a run of its own.
+    let first = app.probes.probes(&config, &app.connector, Duration::ZERO);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        app.probes.probes(&config, &app.connector, Duration::ZERO).await
+    };
+    let ((_, a), (_, b)) = tokio::join!(first, second);
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "the second asker joined the first run");
+    assert!(a.iter().all(|p| !p.ok), "every probe timed out");
+    let one_run = config.routes.len() * config.regions.len() + 1;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), one_run, "one run's connections");
+}
+
 #[tokio::test]
 async fn probes_report_an_unreachable_gateway() {
     let pki = Pki::new();
