@@ -112,6 +112,15 @@ pub enum ReloadError {
     AdminToken(String),
 }
 
+/// Puts a setting that needs a restart back to its running value, noting `key` if the file
+/// changed it.
+fn keep<T: PartialEq + Clone>(key: &'static str, running: &T, new: &mut T, changed: &mut Vec<&'static str>) {
+    if running != new {
+        changed.push(key);
+        *new = running.clone();
+    }
+}
+
 /// File descriptors kept back from `max_connections`, so that near the limit sigrelay can still
 /// accept, answer and record instead of failing `accept()`.
 const FD_RESERVE: u64 = 64;
@@ -167,25 +176,18 @@ impl App {
     pub fn reload(&self, mut config: Config) -> Result<(), ReloadError> {
         let old = self.current();
         let was = &old.config;
-        let restart_only = [
-            ("server.listen", was.server.listen != config.server.listen),
-            ("server.tls", was.server.tls != config.server.tls),
-            ("server.proxy_protocol", was.server.proxy_protocol != config.server.proxy_protocol),
-            ("server.threads", was.server.threads != config.server.threads),
-            ("admin", was.admin != config.admin),
-            ("upstream", was.upstream != config.upstream),
-        ];
-        for (key, changed) in restart_only {
-            if changed {
-                tracing::warn!(key, "changed in the file but takes effect only after a restart");
-            }
+        // Each is compared and put back to its running value in one place, so the two cannot
+        // drift apart.
+        let mut changed = Vec::new();
+        keep("server.listen", &was.server.listen, &mut config.server.listen, &mut changed);
+        keep("server.tls", &was.server.tls, &mut config.server.tls, &mut changed);
+        keep("server.proxy_protocol", &was.server.proxy_protocol, &mut config.server.proxy_protocol, &mut changed);
+        keep("server.threads", &was.server.threads, &mut config.server.threads, &mut changed);
+        keep("admin", &was.admin, &mut config.admin, &mut changed);
+        keep("upstream", &was.upstream, &mut config.upstream, &mut changed);
+        for key in changed {
+            tracing::warn!(key, "changed in the file but takes effect only after a restart");
         }
-        config.server.listen = was.server.listen;
-        config.server.tls = was.server.tls;
-        config.server.proxy_protocol = was.server.proxy_protocol;
-        config.server.threads = was.server.threads;
-        config.admin = was.admin.clone();
-        config.upstream = was.upstream.clone();
         if config.server.proxy_protocol && config.server.proxy_protocol_from.is_empty() {
             // The file may turn the PROXY protocol off for the next start, but until then every
             // connection brings a header, and with no balancer listed each would be refused.
