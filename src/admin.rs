@@ -23,6 +23,9 @@ use crate::respond::{self, response as respond, text, Resp};
 const MAX_CONNECTIONS: usize = 64;
 /// Bound on reading each request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on a request head, and on what is buffered of a connection's input: no admin request
+/// needs more, and no admin endpoint takes a body.
+const MAX_HEAD: usize = 16 * 1024;
 /// Bound on a connection's whole life (a scraper reconnects; a silent client cannot stay).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
@@ -51,7 +54,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, settings: AdminSettings
             let _permit = permit;
             let svc = service_fn(move |req| handle(req, app.clone(), host_names.clone()));
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+            http.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_header_size(MAX_HEAD).max_buf_size(MAX_HEAD);
             tokio::select! {
                 _ = http.serve_connection(TokioIo::new(tcp), svc) => {}
                 _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
@@ -76,6 +79,12 @@ async fn handle(req: Request<Incoming>, app: Arc<App>, host_names: Arc<[String]>
     let method = req.method();
     if !host_allowed(req.headers(), &host_names) {
         return Ok(text(StatusCode::MISDIRECTED_REQUEST, "this Host is not served here: add it to [admin] host_names\n"));
+    }
+    // Nothing here reads a body; refusing one (and closing) keeps hyper from draining it.
+    if !hyper::body::Body::is_end_stream(req.body()) {
+        let mut resp = text(StatusCode::PAYLOAD_TOO_LARGE, "admin endpoints take no request body\n");
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Ok(resp);
     }
     if method == Method::GET && path == "/healthz" {
         return Ok(text(StatusCode::OK, "ok\n"));

@@ -272,6 +272,23 @@ async fn echo_endpoint_is_bounded() {
     assert_eq!(code, Some(1008));
     let rec = relay.record("close").await;
     assert_eq!(rec["outcome"], "diag_limit");
+
+    // Pings are answered, and bounded too: each costs the relay a pong.
+    let mut ws = relay.ws(&pki, "/diag/echo").await;
+    let _hello = next_data(&mut ws).await;
+    let mut pongs = 0;
+    let close = loop {
+        ws.send(Message::Ping(vec![1].into())).await.unwrap();
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Pong(_))) => pongs += 1,
+            Some(Ok(Message::Close(f))) => break f.expect("a close frame with a code"),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(pongs, 64);
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "diag echo: control frame limit"));
+    let rec = relay.record("close").await;
+    assert_eq!(rec["outcome"], "diag_limit");
 }
 
 #[tokio::test]

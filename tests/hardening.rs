@@ -434,6 +434,13 @@ async fn the_admin_listener_checks_host_and_bounds_its_connections() {
     // DNS rebinding: a page's own name pointed at this address.
     assert_eq!(admin_status(admin, "attacker.example.com").await, "HTTP/1.1 421 Misdirected Request");
 
+    // Heads are bounded, and no endpoint takes a body.
+    let big = "a".repeat(32 * 1024);
+    let (status, _) = http(admin, "GET", "/healthz", &[("cookie", &big)]).await;
+    assert_eq!(status, 431);
+    let (status, body) = http(admin, "DELETE", "/connections/x", &[("content-length", "1000000")]).await;
+    assert_eq!((status, body.as_str()), (413, "admin endpoints take no request body\n"));
+
     // Connections beyond the cap are closed at once; a silent one is closed after the header timeout.
     let held: Vec<TcpStream> = futures_util::future::join_all((0..64).map(|_| TcpStream::connect(admin))).await.into_iter().map(Result::unwrap).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -52,6 +52,9 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 /// The echo endpoint's bounds: a diagnostic, not a free WebSocket service.
 const ECHO_MAX_MESSAGES: u64 = 64;
+/// Control frames (pings, pongs) a client may send in one echo session: a browser sends none
+/// unasked, and each one costs the relay a reply.
+const ECHO_MAX_CONTROL_FRAMES: u32 = 64;
 const ECHO_MAX_MESSAGE_SIZE: usize = 4096;
 const ECHO_LIFETIME: Duration = Duration::from_secs(30);
 
@@ -193,7 +196,7 @@ fn echo_upgrade(mut req: Request<Incoming>, conn: &ConnContext, current: &Curren
 }
 
 /// The echo session: hello with the connection id, then every data message back, within
-/// [`ECHO_MAX_MESSAGES`] and [`ECHO_LIFETIME`].
+/// [`ECHO_MAX_MESSAGES`], [`ECHO_MAX_CONTROL_FRAMES`] and [`ECHO_LIFETIME`].
 async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, admitted: Admitted) {
     let Admitted { pending, permit, over } = admitted;
     let Some((pending, mut io)) = pending.upgraded(upgrade, timeout).await else { return };
@@ -214,6 +217,7 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, admitted: Ad
     let time_limit = || Some((Outcome::DiagLimit, Side::Relay, Some(close_code::GOING_AWAY), "diag echo: time limit".to_string()));
     let gone = || Some((Outcome::ClientGone, Side::Client, None, String::new()));
     let mut ending: Option<(Outcome, Side, Option<u16>, String)> = None;
+    let mut control_frames = 0u32;
     match tokio::time::timeout_at(deadline_at, ws.send(Message::text(hello))).await {
         Ok(Ok(())) => {}
         Ok(Err(_)) => ending = gone(),
@@ -243,7 +247,12 @@ async fn echo(app: Arc<App>, upgrade: OnUpgrade, timeout: Duration, admitted: Ad
                     // tungstenite answers the close; flushing sends the answer.
                     let _ = tokio::time::timeout(Duration::from_secs(5), ws.flush()).await;
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => {
+                    control_frames += 1;
+                    if control_frames > ECHO_MAX_CONTROL_FRAMES {
+                        ending = Some((Outcome::DiagLimit, Side::Relay, Some(close_code::POLICY), "diag echo: control frame limit".into()));
+                    }
+                }
                 Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
                     ending = Some((Outcome::MessageTooBig, Side::Relay, Some(close_code::TOO_BIG), "diag echo: message too big".into()));
                 }
