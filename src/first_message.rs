@@ -29,7 +29,7 @@ pub struct FirstMessage {
     /// reconnect, `connect`), or the message's type (`connect` on the insights socket).
     pub kind: Option<String>,
     /// The length of the first frame at the start of `bytes`, when it was read whole, masked,
-    /// and parsed as JSON: a frame that may go to the gateway before the pump starts.
+    /// valid UTF-8 and parsed as JSON: a frame that may go to the gateway before the pump starts.
     pub frame_len: Option<usize>,
     /// The token's decoded header and payload, when it could be read.
     pub token: Option<TokenInfo>,
@@ -58,7 +58,10 @@ pub async fn read<S: AsyncRead + Unpin>(io: &mut S, timeout: Duration) -> FirstM
                     }
                     let facts = token::read_first(&payload).unwrap_or_default();
                     let info = facts.token.as_deref().and_then(|t| token::decode(t).ok());
-                    let frame_len = (h.mask.is_some() && facts.kind.is_some()).then_some(len);
+                    // serde_json checks UTF-8 only in what it keeps; a hello sent ahead of the
+                    // pump skips the pump's check, so it must pass the same one here.
+                    let early = h.mask.is_some() && facts.kind.is_some() && crate::utf8::is_valid(&payload);
+                    let frame_len = early.then_some(len);
                     return FirstMessage { bytes, token_found: facts.token.is_some(), kind: facts.kind, frame_len, token: info };
                 }
                 bytes.reserve_exact(len - bytes.len());

@@ -96,13 +96,16 @@ pub fn ensure_dev_cert(cert: &Path, key: &Path) -> Result<bool, TlsError> {
     Ok(true)
 }
 
-/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `http/1.1`, certificates from `store`.
+/// The listener's TLS configuration: TLS 1.2 and 1.3, ALPN `http/1.1` (and `stun.turn`, for TURN
+/// clients that name it: RFC 7443), certificates from `store`.
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsError> {
     let mut tls = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(store);
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A client offering ALPN without one of these is refused by rustls; a TURN client's first
+    // bytes, not its ALPN, send it to TURN.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec(), b"stun.turn".to_vec()];
     tls.ignore_client_order = true;
     // A browser spends one ticket per resumed connection, so one replaces it; rustls's default
     // of two costs a second ticket's encryption and cache entry on every handshake.

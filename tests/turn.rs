@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use sigrelay::tools::mock_gateway::Mode;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const TURN_HOST: &str = "global.turn.twilio.com";
@@ -84,6 +84,28 @@ async fn the_rewrite_can_be_turned_off_per_route_and_a_sync_is_never_watched() {
     assert_eq!((r["first_message"].as_str(), r["ice_rewritten"].as_bool()), (Some("sync"), None), "{r}");
 }
 
+#[tokio::test]
+async fn an_ice_hello_that_is_not_utf8_is_the_relays_to_refuse_not_sent_ahead() {
+    // Valid JSON to a parser that skips the field, not valid UTF-8: the relay fails it with 1007
+    // as the pump would, rather than sending it to the gateway before the pump starts.
+    let mut text = br#"{"id":"a1","timeout":5000,"type":"hello","version":2,"x":""#.to_vec();
+    text.extend_from_slice(b"\xff\xfe");
+    let rest = format!(r#"","body":{{"edge":"roaming","token":"{}","type":"ice","version":1}}}}"#, token("au1_valid_until_2100"));
+    text.extend_from_slice(rest.as_bytes());
+    let mut frame = Vec::new();
+    sigrelay::frame::encode_frame(&mut frame, sigrelay::frame::OpCode::Text, &text, Some([1, 2, 3, 4]));
+    let pki = Pki::new();
+    let gw = Gateway::start_with_ice(&pki, Mode::Twilio, twilio_ice()).await;
+    let extra = format!("{}[turn]\npublic_url = \"turns:localhost:5349?transport=tcp\"\n", resolve_all_to(gw.addr));
+    let mut relay = Relay::start(&pki, "", "", &extra).await;
+    let mut raw = RawWs::connect(&relay, &pki, "/au1/signaling").await;
+    raw.send_raw(&frame).await;
+    assert_eq!(raw.read_close().await.map(|c| c.0), Some(1007));
+    relay.record("handshake").await;
+    let c = relay.record("close").await;
+    assert_eq!((c["outcome"].as_str(), c["closed_by"].as_str(), c["msgs_up"].as_u64()), (Some("client_protocol_error"), Some("relay"), Some(0)), "{c}");
+}
+
 /// A stand-in for the TURN upstream: TLS with a certificate for `names`, answering each read
 /// with the same bytes; with `reset_after`, it resets the connection after that many bytes.
 async fn fake_turn(pki: &Pki, names: &[&str], reset_after: Option<usize>) -> SocketAddr {
@@ -139,12 +161,7 @@ async fn a_turn_client_on_the_relays_port_reaches_the_turn_upstream() {
     let mut relay = Relay::start(&pki, "", "", &turn_config(upstream)).await;
     let mut tls = relay.tls(&pki).await;
     let first = stun_message(1);
-    tls.write_all(&first).await.unwrap();
-    let mut back = vec![0u8; first.len()];
-    tls.read_exact(&mut back).await.unwrap();
-    assert_eq!(back, first, "through the relay and back");
-    let r = relay.record("handshake").await;
-    assert_eq!((r["route"].as_str(), r["outcome"].as_str()), (Some("turn"), Some("ok")), "{r}");
+    let r = turn_echo(&mut tls, &mut relay, &first).await;
     assert_eq!(r["upstream_url"], "turns:global.turn.twilio.com:443");
     assert_eq!(r["upstream_addr"], upstream.to_string());
     assert!(r["upstream_tls_ms"].as_f64().is_some(), "{r}");
@@ -174,6 +191,27 @@ async fn a_turn_client_on_the_relays_port_reaches_the_turn_upstream() {
     let up = format!("sigrelay_turn_bytes_total{{direction=\"up\"}} {}", first.len() + big.len());
     assert!(metrics.contains(&up), "{metrics}");
     assert!(metrics.contains("route=\"turn\",outcome=\"ok\""), "{metrics}");
+
+    // A client that names TURN over TLS in its ALPN (RFC 7443's stun.turn) is served too.
+    let mut alpn = (*pki.client_tls()).clone();
+    alpn.alpn_protocols = vec![b"stun.turn".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(alpn)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"stun.turn"[..]));
+    turn_echo(&mut tls, &mut relay, &first).await;
+}
+
+/// Sends `first` on a TURN connection, reads it back through the fake upstream, and returns the
+/// connection's handshake record, checked to be a TURN one that succeeded.
+async fn turn_echo<S: AsyncRead + AsyncWrite + Unpin>(tls: &mut S, relay: &mut Relay, first: &[u8]) -> Value {
+    tls.write_all(first).await.unwrap();
+    let mut back = vec![0u8; first.len()];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, first, "through the relay and back");
+    let r = relay.record("handshake").await;
+    assert_eq!((r["route"].as_str(), r["outcome"].as_str()), (Some("turn"), Some("ok")), "{r}");
+    r
 }
 
 /// Waits until the relay holds nothing: no counted connection, no registry entry.

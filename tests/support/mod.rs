@@ -535,6 +535,10 @@ impl RawWs {
         RawWs { tls, buf }
     }
 
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.tls.write_all(bytes).await.unwrap();
+    }
+
     pub async fn send_text(&mut self, text: &str) {
         let mut frame = Vec::new();
         sigrelay::frame::encode_frame(&mut frame, sigrelay::frame::OpCode::Text, text.as_bytes(), Some([1, 2, 3, 4]));
