@@ -81,8 +81,8 @@ async fn set_up(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> Option
                 session.counters().add(side, msgs, bytes);
                 app.metrics.count_messages(side, msgs, bytes);
             }
-            if watched.client_stalled {
-                stalled(session, upstream).await;
+            if let Some(side) = watched.stalled {
+                stalled(session, side, client, upstream).await;
                 return None;
             }
             Some(Box::pin(pump_until_closed(app, client, upstream, first.bytes, session, current)))
@@ -102,7 +102,8 @@ async fn set_up(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> Option
 struct Watched {
     /// Messages and bytes relayed from each side.
     early: [(Side, u64, u64); 2],
-    client_stalled: bool,
+    /// The side that stopped reading mid-frame before the pump started.
+    stalled: Option<Side>,
 }
 
 /// Reads the first message, decides the region and connects upstream, filling the record as it
@@ -171,29 +172,42 @@ async fn connect(
 /// has a TURN URL to give: sends the hello now and watches the gateway's answer for its `iced`,
 /// whose TURN servers then point at the relay ([`ice::watch`]). Returns what passed meanwhile.
 async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upstream: &mut Connected, first: &mut FirstMessage, record: &mut HandshakeRecord) -> Watched {
-    let mut watched = Watched { early: [(Side::Client, 0, 0), (Side::Upstream, 0, 0)], client_stalled: false };
+    let mut watched = Watched { early: [(Side::Client, 0, 0), (Side::Upstream, 0, 0)], stalled: None };
     let (Some(public_url), Some(hello_len)) = (current.turn_public_url.as_deref(), first.frame_len) else { return watched };
     // A hello over max_message_size is the pump's to refuse (1009).
     let max = current.config.server.max_message_size;
     if !route.rewrite_ice || first.kind.as_deref() != Some("ice") || hello_len as u64 > max {
         return watched;
     }
+    let mut taken = 0;
     let sent = async {
-        upstream.io.write_all(&first.bytes[..hello_len]).await?;
+        while taken < hello_len {
+            match upstream.io.write(&first.bytes[taken..hello_len]).await? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => taken += n,
+            }
+        }
         upstream.io.flush().await
     };
-    // A failed write is the pump's to find, with everything else; one that does not finish
-    // is a gateway that stopped reading, which the pump's pings find.
-    if !matches!(tokio::time::timeout(HELLO_WRITE, sent).await, Ok(Ok(()))) {
+    let sent = matches!(tokio::time::timeout(HELLO_WRITE, sent).await, Ok(Ok(())));
+    // What the stream took is the gateway's: handing it to the pump again would send it twice.
+    if taken == hello_len {
+        first.bytes.drain(..hello_len);
+        watched.early[0] = (Side::Client, 1, hello_len as u64);
+    } else if taken > 0 {
+        watched.stalled = Some(Side::Upstream);
         return watched;
     }
-    first.bytes.drain(..hello_len);
-    watched.early[0] = (Side::Client, 1, hello_len as u64);
+    // A failed write is the pump's to find, with everything else; one that does not finish
+    // is a gateway that stopped reading, which the pump's pings find.
+    if !sent {
+        return watched;
+    }
     let rule = ice::Rule { upstream_host: &current.config.turn.upstream.host, public_url };
     let (done, rest) = ice::watch(&mut upstream.io, client, std::mem::take(&mut upstream.leftover), &rule, max).await;
     upstream.leftover = rest;
     watched.early[1] = (Side::Upstream, done.msgs, done.bytes);
-    watched.client_stalled = done.client_stalled;
+    watched.stalled = done.client_stalled.then_some(Side::Client);
     record.ice_rewritten = Some(done.servers_rewritten > 0);
     record.ice_servers_rewritten = Some(done.servers_rewritten);
     if !done.iced_seen {
@@ -205,23 +219,33 @@ async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upst
 /// How long writing the hello to a connected gateway may take.
 const HELLO_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Ends a connection whose browser stopped reading before the pump started: its stream may
-/// hold part of a frame, so it is dropped, and the gateway gets a 1001.
-async fn stalled(session: OpenSession, mut upstream: Connected) {
-    let reason = format!("client_silent conn={}", session.conn_id());
-    let close = crate::frame::close_frame(1001, &reason, Some(rand::random()));
+/// Ends a connection one side of which stopped reading before the pump started: its stream may
+/// hold part of a frame, so it is dropped, and the other side gets a 1001.
+async fn stalled(session: OpenSession, side: Side, mut client: Client, mut upstream: Connected) {
+    let ending = crate::outcome::Ending::Silent(side);
+    let reason = format!("{} conn={}", ending.outcome(), session.conn_id());
     let _ = tokio::time::timeout(HELLO_WRITE, async {
-        upstream.io.write_all(&close).await?;
-        upstream.io.shutdown().await
+        match side {
+            Side::Client => {
+                upstream.io.write_all(&crate::frame::close_frame(1001, &reason, Some(rand::random()))).await?;
+                upstream.io.shutdown().await
+            }
+            _ => {
+                client.write_all(&crate::frame::close_frame(1001, &reason, None)).await?;
+                client.shutdown().await
+            }
+        }
     })
     .await;
-    let ending = crate::outcome::Ending::Silent(Side::Client);
     session.finish(Closing {
         outcome: ending.outcome(),
         closed_by: ending.closed_by(),
         close_code: Some(1001),
         close_reason: Some(reason),
-        error: Some("the browser did not read the gateway's first answer".into()),
+        error: Some(match side {
+            Side::Client => "the browser did not read the gateway's first answer".into(),
+            _ => "the gateway did not take the browser's first message".into(),
+        }),
     });
 }
 
