@@ -37,15 +37,15 @@ pub enum Refusal {
     NotWebsocket,
     #[error("a WebSocket upgrade must be an HTTP/1.1 GET")]
     NotGet,
-    #[error("more than one Host header")]
-    SeveralHosts,
+    #[error("an upgrade needs exactly one non-empty Host header")]
+    Host,
     #[error("an upgrade request carries no body")]
     Body,
     #[error("Connection header lacks Upgrade")]
     NoConnectionUpgrade,
-    #[error("Sec-WebSocket-Version must be 13")]
+    #[error("Sec-WebSocket-Version must be 13, given once")]
     Version,
-    #[error("Sec-WebSocket-Key is missing or not 16 bytes of base64")]
+    #[error("Sec-WebSocket-Key is missing, repeated or not 16 bytes of base64")]
     Key,
     #[error("the relay is at its connection limit")]
     AtCapacity,
@@ -65,7 +65,7 @@ impl Refusal {
             Refusal::Connect
             | Refusal::ForeignHost
             | Refusal::NotGet
-            | Refusal::SeveralHosts
+            | Refusal::Host
             | Refusal::Body
             | Refusal::NoConnectionUpgrade
             | Refusal::Version
@@ -140,10 +140,10 @@ pub fn validate(req: &Request<Incoming>, origins: &[OriginPattern]) -> Result<()
     if req.method() != Method::GET || req.version() != Version::HTTP_11 {
         return Err(Refusal::NotGet);
     }
-    // RFC 9112 §3.2: more than one Host is a 400. A body on an upgrade request is a smuggling
-    // attempt, not a browser.
-    if h.get_all(header::HOST).iter().count() > 1 {
-        return Err(Refusal::SeveralHosts);
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host, or with more than one, is a 400. A body
+    // on an upgrade request is a smuggling attempt, not a browser.
+    if only_one(h, header::HOST).is_none_or(|v| v.is_empty()) {
+        return Err(Refusal::Host);
     }
     let content_length = h.get(header::CONTENT_LENGTH).map(|v| v.as_bytes() != b"0").unwrap_or(false);
     if content_length || h.contains_key(header::TRANSFER_ENCODING) {
@@ -152,17 +152,23 @@ pub fn validate(req: &Request<Incoming>, origins: &[OriginPattern]) -> Result<()
     if !header_lists(h, header::CONNECTION, "upgrade") {
         return Err(Refusal::NoConnectionUpgrade);
     }
-    if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+    // RFC 6455 §11.3.1, §11.3.5: each of these appears once; a second one is not a browser's.
+    if only_one(h, header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(Refusal::Version);
     }
-    let key_ok = h
-        .get(header::SEC_WEBSOCKET_KEY)
+    let key_ok = only_one(h, header::SEC_WEBSOCKET_KEY)
         .and_then(|k| STANDARD.decode(k.as_bytes()).ok())
         .is_some_and(|k| k.len() == 16);
     if !key_ok {
         return Err(Refusal::Key);
     }
     Ok(())
+}
+
+/// The header's value when it appears exactly once.
+fn only_one(h: &http::HeaderMap, name: header::HeaderName) -> Option<&http::HeaderValue> {
+    let mut values = h.get_all(name).iter();
+    values.next().filter(|_| values.next().is_none())
 }
 
 /// An upgrade the limits let through: its pending record, the connection's permit, and the limit
