@@ -702,6 +702,20 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Config {
             .collect(),
     };
 
+    // Connections get FORCE_GRACE from the drain timeout to finish; a 1012 sent late in it
+    // would leave its close handshake too little of that time.
+    let jitter_max = crate::shutdown::FORCE_GRACE / 2;
+    if server.drain_jitter > jitter_max {
+        c.problem(
+            "server.drain_jitter",
+            format!(
+                "{} is longer than {}: after drain_timeout connections get {} to close, and a 1012 sent later than half-way has too little of it",
+                humantime::format_duration(server.drain_jitter),
+                humantime::format_duration(jitter_max),
+                humantime::format_duration(crate::shutdown::FORCE_GRACE),
+            ),
+        );
+    }
     if server.proxy_protocol && server.proxy_protocol_from.is_empty() {
         c.problem(
             "server.proxy_protocol_from",
@@ -1041,6 +1055,7 @@ mod tests {
             [server]
             listen = "nowhere"
             first_message_timeout = "soon"
+            drain_jitter = "8s"
             colour = "blue"
             [upstream]
             ca_file = "/does/not/exist.pem"
@@ -1057,6 +1072,7 @@ mod tests {
         for key in [
             "server.listen",
             "server.first_message_timeout",
+            "server.drain_jitter",
             "server.colour",
             "upstream.ca_file",
             "routing.regions[1]",
