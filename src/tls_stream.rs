@@ -468,10 +468,10 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, 
                 Processed::Plaintext => {}
                 Processed::NeedRead => {
                     // Whatever the state machine queued (a session ticket, a key update's answer)
-                    // goes when it can; it does not hold up reading.
-                    if let Poll::Ready(Err(e)) = this.poll_flush_outgoing(cx) {
-                        return Poll::Ready(Err(e));
-                    }
+                    // goes when it can; it does not hold up reading. A failed send is the
+                    // writer's to report: the peer's last data and close_notify may still be
+                    // in the socket, readable after it has gone.
+                    let _ = this.poll_flush_outgoing(cx);
                     if ready!(this.poll_read_tls(cx))? == 0 {
                         // As tokio-rustls says it: the end of the stream without a close_notify
                         // may be a truncation.
@@ -978,5 +978,33 @@ mod tests {
         s.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"bye");
         drop(browser.await.unwrap());
+    }
+
+    /// The peer sent its last data and close_notify and went (reset, since it left bytes of ours
+    /// unread) while the relay held a record for it not yet sent: the read still gets the data.
+    #[tokio::test]
+    async fn a_failed_send_does_not_lose_what_the_gone_peer_sent() {
+        let (listener, server, client) = server_and_client(&[&rustls::version::TLS13], "gone CA").await;
+        let addr = listener.local_addr().unwrap();
+        let (said_bye, bye) = tokio::sync::oneshot::channel::<()>();
+        let peer = tokio::spawn(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(client).connect(ServerName::try_from("gw.test").unwrap(), tcp).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tls.write_all(b"bye").await.unwrap();
+            tls.shutdown().await.unwrap();
+            let _ = said_bye.send(());
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = accept(server, tcp).await.unwrap();
+        s.write_all(&[1u8; 100]).await.unwrap();
+        s.flush().await.unwrap();
+        bye.await.unwrap();
+        peer.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        s.write_all(b"unsent").await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.expect("the peer's data, not the failed send's error");
+        assert_eq!(&buf[..n], b"bye");
     }
 }
