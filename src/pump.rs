@@ -548,6 +548,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         let decide = |ending, peer_close, error| shared.decide(Decided { ending, peer_close, error });
         // Whether the reading side is still there to answer a close of the relay's own.
         let reader_open = matches!(end, DirEnd::Stopped | DirEnd::Fault(_));
+        // After a fault the reading side's bytes no longer parse as frames.
+        let framed = !matches!(end, DirEnd::Fault(_));
         match end {
             DirEnd::ForwardedClose(code, reason) => {
                 self.close_sent = true;
@@ -583,23 +585,33 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         // is dropped (RFC 6455 §7.1.1), so its answer does not meet a reset.
         let ending = shared.ending();
         if reader_open && ending.close_code_for(from).is_some() {
-            self.linger().await;
+            self.linger(framed).await;
         }
     }
 
-    /// Reads what the reading side still sends, for at most [`LINGER`], until its close or the
-    /// end of its stream; nothing of it is forwarded.
-    async fn linger(&mut self) {
+    /// Reads what the reading side still sends, for at most [`LINGER`], until its close (when
+    /// its bytes are `framed`, still parseable as frames) or the end of its stream; nothing of
+    /// it is forwarded.
+    async fn linger(&mut self, framed: bool) {
+        if !framed {
+            // Re-scanning the bytes that failed would stop at once, and the peer's answer
+            // would then meet a closed socket and a reset.
+            (self.start, self.end) = (0, 0);
+        }
         let _ = tokio::time::timeout(LINGER, async {
             loop {
                 let buf = self.buf.get_or_insert_with(pool::take);
-                let (n, stop) = self.scanner.scan(&buf[self.start..self.end]);
-                if stop.is_some() {
-                    return;
+                if framed {
+                    let (n, stop) = self.scanner.scan(&buf[self.start..self.end]);
+                    if stop.is_some() {
+                        return;
+                    }
+                    self.start += n;
+                    buf.copy_within(self.start..self.end, 0);
+                    self.end -= self.start;
+                } else {
+                    self.end = 0;
                 }
-                self.start += n;
-                buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
                 self.start = 0;
                 match self.reader.read(&mut buf[self.end..]).await {
                     Ok(0) | Err(_) => return,
@@ -1169,6 +1181,25 @@ mod tests {
         assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
         assert_eq!(end.error.as_deref(), Some("reserved bits set without a negotiated extension"));
         assert_eq!((c[0], c[1]), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_failed_sender_is_read_until_it_hangs_up_so_its_close_answer_meets_no_reset() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let mut bad = text("bad", true);
+        bad[0] |= 0x20;
+        h.browser.write_all(&bad).await.unwrap();
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001));
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        assert_eq!(close_of(&read_frame(&mut h.browser).await).0, Some(1002));
+        // A browser answers after a round trip; the relay is still reading then (a closed
+        // DuplexStream end refuses the write, as a closed socket answers with a reset).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.browser.write_all(&close_frame(1002, "", Some([1, 1, 1, 1]))).await.expect("the relay still reads");
+        h.browser.write_all(&text("after the close", true)).await.expect("and drains what follows");
+        drop(h.browser);
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
     }
 
     #[tokio::test]
