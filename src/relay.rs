@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 use crate::app::{App, Current};
 use crate::config::Route;
 use crate::ice;
-use crate::outcome::Side;
+use crate::outcome::{Ending, Side};
 use crate::first_message::{self, FirstMessage};
 use crate::limits::Permit;
 use crate::outcome::Outcome;
@@ -81,8 +81,8 @@ async fn set_up(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> Option
                 session.counters().add(side, msgs, bytes);
                 app.metrics.count_messages(side, msgs, bytes);
             }
-            if let Some(side) = watched.stalled {
-                stalled(session, side, client, upstream).await;
+            if let Some((ending, error)) = watched.ended {
+                end_before_pump(session, ending, error, client, upstream).await;
                 return None;
             }
             Some(Box::pin(pump_until_closed(app, client, upstream, first.bytes, session, current)))
@@ -102,8 +102,9 @@ async fn set_up(app: Arc<App>, upgrade: OnUpgrade, accepted: Accepted) -> Option
 struct Watched {
     /// Messages and bytes relayed from each side.
     early: [(Side, u64, u64); 2],
-    /// The side that stopped reading mid-frame before the pump started.
-    stalled: Option<Side>,
+    /// How the connection ended before the pump started, with a stream that may hold part of
+    /// a frame (a side stopped reading, or failed, mid-write), and why.
+    ended: Option<(Ending, &'static str)>,
 }
 
 /// Reads the first message, decides the region and connects upstream, filling the record as it
@@ -172,7 +173,7 @@ async fn connect(
 /// has a TURN URL to give: sends the hello now and watches the gateway's answer for its `iced`,
 /// whose TURN servers then point at the relay ([`ice::watch`]). Returns what passed meanwhile.
 async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upstream: &mut Connected, first: &mut FirstMessage, record: &mut HandshakeRecord) -> Watched {
-    let mut watched = Watched { early: [(Side::Client, 0, 0), (Side::Upstream, 0, 0)], stalled: None };
+    let mut watched = Watched { early: [(Side::Client, 0, 0), (Side::Upstream, 0, 0)], ended: None };
     let (Some(public_url), Some(hello_len)) = (current.turn_public_url.as_deref(), first.frame_len) else { return watched };
     // A hello over max_message_size is the pump's to refuse (1009).
     let max = current.config.server.max_message_size;
@@ -189,15 +190,19 @@ async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upst
         }
         upstream.io.flush().await
     };
-    let sent = matches!(tokio::time::timeout(HELLO_WRITE, sent).await, Ok(Ok(())));
+    let sent = tokio::time::timeout(HELLO_WRITE, sent).await;
     // What the stream took is the gateway's: handing it to the pump again would send it twice.
     if taken == hello_len {
         first.bytes.drain(..hello_len);
         watched.early[0] = (Side::Client, 1, hello_len as u64);
     } else if taken > 0 {
-        watched.stalled = Some(Side::Upstream);
+        watched.ended = Some(match sent {
+            Err(_) => (Ending::Silent(Side::Upstream), "the gateway did not take the browser's first message"),
+            Ok(_) => (Ending::Gone(Side::Upstream), "the gateway's stream failed while taking the browser's first message"),
+        });
         return watched;
     }
+    let sent = matches!(sent, Ok(Ok(())));
     // A failed write is the pump's to find, with everything else; one that does not finish
     // is a gateway that stopped reading, which the pump's pings find.
     if !sent {
@@ -207,7 +212,7 @@ async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upst
     let (done, rest) = ice::watch(&mut upstream.io, client, std::mem::take(&mut upstream.leftover), &rule, max).await;
     upstream.leftover = rest;
     watched.early[1] = (Side::Upstream, done.msgs, done.bytes);
-    watched.stalled = done.client_stalled.then_some(Side::Client);
+    watched.ended = done.client_stalled.then_some((Ending::Silent(Side::Client), "the browser did not read the gateway's first answer"));
     record.ice_rewritten = Some(done.servers_rewritten > 0);
     record.ice_servers_rewritten = Some(done.servers_rewritten);
     if !done.iced_seen {
@@ -219,19 +224,24 @@ async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upst
 /// How long writing the hello to a connected gateway may take.
 const HELLO_WRITE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Ends a connection one side of which stopped reading before the pump started: its stream may
-/// hold part of a frame, so it is dropped, and the other side gets a 1001.
-async fn stalled(session: OpenSession, side: Side, mut client: Client, mut upstream: Connected) {
-    let ending = crate::outcome::Ending::Silent(side);
+/// Ends a connection before the pump started, one side's stream perhaps holding part of a
+/// frame: that side's socket is dropped as it is, and the other side gets the ending's close.
+async fn end_before_pump(session: OpenSession, ending: Ending, error: &str, mut client: Client, mut upstream: Connected) {
+    // The other side hears of it.
+    let other = match ending {
+        Ending::Silent(Side::Client) | Ending::Gone(Side::Client) => Side::Upstream,
+        _ => Side::Client,
+    };
+    let code = ending.close_code_for(other).unwrap_or(crate::outcome::close_code::GOING_AWAY);
     let reason = format!("{} conn={}", ending.outcome(), session.conn_id());
     let _ = tokio::time::timeout(HELLO_WRITE, async {
-        match side {
-            Side::Client => {
-                upstream.io.write_all(&crate::frame::close_frame(1001, &reason, Some(rand::random()))).await?;
+        match other {
+            Side::Upstream => {
+                upstream.io.write_all(&crate::frame::close_frame(code, &reason, Some(rand::random()))).await?;
                 upstream.io.shutdown().await
             }
             _ => {
-                client.write_all(&crate::frame::close_frame(1001, &reason, None)).await?;
+                client.write_all(&crate::frame::close_frame(code, &reason, None)).await?;
                 client.shutdown().await
             }
         }
@@ -240,12 +250,9 @@ async fn stalled(session: OpenSession, side: Side, mut client: Client, mut upstr
     session.finish(Closing {
         outcome: ending.outcome(),
         closed_by: ending.closed_by(),
-        close_code: Some(1001),
+        close_code: Some(code),
         close_reason: Some(reason),
-        error: Some(match side {
-            Side::Client => "the browser did not read the gateway's first answer".into(),
-            _ => "the gateway did not take the browser's first message".into(),
-        }),
+        error: Some(error.into()),
     });
 }
 
