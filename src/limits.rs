@@ -97,6 +97,12 @@ impl Permit {
             }
         }
     }
+
+    /// Whether the connection counts under a client's address: not when it came from a trusted
+    /// proxy that named no client.
+    pub fn names_a_client(&self) -> bool {
+        self.counted.is_some()
+    }
 }
 
 impl Drop for Permit {

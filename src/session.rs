@@ -71,6 +71,11 @@ impl ConnContext {
         self.saw_request.load(Ordering::Relaxed)
     }
 
+    /// Whether the connection is known by its client's address (see [`Permit::names_a_client`]).
+    pub fn names_a_client(&self) -> bool {
+        self.permit.lock().unwrap().as_ref().is_some_and(Permit::names_a_client)
+    }
+
     /// Which limit an upgrade from `client` is over, if any, once the connection counts under
     /// `client`'s address (the client a trusted proxy names): the total cap (then it is refused
     /// with 503, guarding the descriptor budget), the per-address limit, or, when `!rate_ok`,

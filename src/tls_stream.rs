@@ -145,6 +145,11 @@ impl<IO> TlsStream<ServerSession, IO> {
     pub fn server_name(&self) -> Option<&str> {
         self.conn.sni.as_deref()
     }
+
+    /// The application protocol agreed by ALPN, if the client offered any.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.conn.conn.alpn_protocol()
+    }
 }
 
 /// Connects TLS over `tcp` to `name`, with `first` (if any) sent in the same flight as the

@@ -65,7 +65,10 @@ where
     record.route = Some(ROUTE.into());
     record.upstream_url = Some(turn.upstream.url.clone());
     let client_addr = conn.peer.client_addr;
-    let rate_ok = app.limiter.handshake(client_addr.ip());
+    // A TURN stream names no client: from a trusted proxy that sends no PROXY header it is
+    // limited by the total only, as that proxy's own address is not limited per address (one
+    // rate bucket for every client behind it would refuse them all together).
+    let rate_ok = !conn.names_a_client() || app.limiter.handshake(client_addr.ip());
     // A TURN client cannot be told why in words: it is refused by closing.
     if let Some(outcome) = conn.over_limit(client_addr, rate_ok) {
         let _ = pending.fail(outcome, format!("limit reached: {outcome}"));

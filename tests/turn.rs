@@ -193,13 +193,61 @@ async fn a_turn_client_on_the_relays_port_reaches_the_turn_upstream() {
     assert!(metrics.contains("route=\"turn\",outcome=\"ok\""), "{metrics}");
 
     // A client that names TURN over TLS in its ALPN (RFC 7443's stun.turn) is served too.
+    let mut tls = tls_with_alpn(&relay, &pki, b"stun.turn").await;
+    turn_echo(&mut tls, &mut relay, &first).await;
+
+    // What ALPN agreed is what must be spoken (RFC 7301 §3.2): HTTP on a stun.turn session is
+    // refused, and STUN on an http/1.1 one is not taken for TURN.
+    let mut tls = tls_with_alpn(&relay, &pki, b"stun.turn").await;
+    tls.write_all(b"GET /au1/signaling HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+    assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    let r = relay.record("handshake").await;
+    assert_eq!(r["outcome"], "bad_request", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("stun.turn"), "{r}");
+    let mut tls = tls_with_alpn(&relay, &pki, b"http/1.1").await;
+    tls.write_all(&first).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+    assert!(!out.windows(first.len()).any(|w| w == first), "not relayed to TURN");
+    let r = relay.record("handshake").await;
+    assert_eq!((r["outcome"].as_str(), r["route"].as_str()), (Some("bad_request"), None), "{r}");
+}
+
+/// A TLS session to the relay whose ALPN agreed on `protocol`.
+async fn tls_with_alpn(relay: &Relay, pki: &Pki, protocol: &[u8]) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut alpn = (*pki.client_tls()).clone();
-    alpn.alpn_protocols = vec![b"stun.turn".to_vec()];
+    alpn.alpn_protocols = vec![protocol.to_vec()];
     let tcp = tokio::net::TcpStream::connect(relay.addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(alpn)).connect(name, tcp).await.unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"stun.turn"[..]));
-    turn_echo(&mut tls, &mut relay, &first).await;
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(alpn)).connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(protocol));
+    tls
+}
+
+#[tokio::test]
+async fn turn_from_a_trusted_proxy_is_not_limited_by_the_proxys_own_address() {
+    let pki = Pki::new();
+    let upstream = fake_turn(&pki, &[TURN_HOST], None).await;
+    let extra = format!("{}[limits]\nmax_connections_per_ip = 1\nhandshakes_per_ip_per_s = 0.01\nhandshake_burst = 1\n", turn_config(upstream));
+    // From a client's own address, a second connection is over the per-address limit.
+    let mut relay = Relay::start(&pki, "", "", &extra).await;
+    let mut held = relay.tls(&pki).await;
+    turn_echo(&mut held, &mut relay, &stun_message(1)).await;
+    assert!(turn_attempt(&relay, &pki).await.is_empty(), "closed");
+    let r = relay.record("handshake").await;
+    assert_eq!((r["route"].as_str(), r["outcome"].as_str()), (Some("turn"), Some("over_max_connections_per_ip")), "{r}");
+    drop((held, relay));
+    // From a trusted proxy, whose TURN streams name no client, neither the per-address limit
+    // nor the rate applies to the proxy's own address: one bucket would refuse every client.
+    let mut relay = Relay::start(&pki, "trusted_proxies = [\"127.0.0.1\"]", "", &extra).await;
+    let mut all = Vec::new();
+    for tid in 1..=3 {
+        let mut tls = relay.tls(&pki).await;
+        turn_echo(&mut tls, &mut relay, &stun_message(tid)).await;
+        all.push(tls);
+    }
 }
 
 /// Sends `first` on a TURN connection, reads it back through the fake upstream, and returns the
