@@ -379,14 +379,15 @@ async fn serve_connection(app: Arc<App>, tcp: TcpStream, peer: SocketAddr, threa
         let first = if current.config.turn.enabled { sniff(&mut tls, deadline).await } else { Vec::new() };
         // What ALPN agreed must be what is spoken (RFC 7301 §3.2; ALPACA): a session for TURN
         // is not served HTTP, and the HTTP handler refuses STUN bytes on its own.
-        if tls.alpn_protocol() == Some(b"stun.turn") && !crate::turn::is_stun(&first) {
+        let (alpn_turn, alpn_http) = (tls.alpn_protocol() == Some(b"stun.turn"), tls.alpn_protocol() == Some(b"http/1.1"));
+        if alpn_turn && !crate::turn::is_stun(&first) {
             let why = match current.config.turn.enabled {
                 true => "ALPN agreed on stun.turn, and the first bytes are not a STUN message",
                 false => "ALPN agreed on stun.turn, and TURN is turned off ([turn] enabled = false)",
             };
             return record_early(&app, &conn.peer, started, Outcome::BadRequest, why.to_string());
         }
-        if crate::turn::is_stun(&first) && tls.alpn_protocol() != Some(b"http/1.1") {
+        if crate::turn::is_stun(&first) && !alpn_http {
             return crate::turn::serve(&app, tls, first, conn, started).await;
         }
         serve_http(&app, Prefixed::new(&first, tls), conn, deadline, started).await

@@ -202,10 +202,9 @@ async fn rewrite_ice(current: &Current, route: &Route, client: &mut Client, upst
         });
         return watched;
     }
-    let sent = matches!(sent, Ok(Ok(())));
     // A failed write is the pump's to find, with everything else; one that does not finish
     // is a gateway that stopped reading, which the pump's pings find.
-    if !sent {
+    if !matches!(sent, Ok(Ok(()))) {
         return watched;
     }
     let rule = ice::Rule { upstream_host: &current.config.turn.upstream.host, public_url };

@@ -103,8 +103,8 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>, TlsErro
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_cert_resolver(store);
-    // A client offering ALPN without one of these is refused by rustls; a TURN client's first
-    // bytes, not its ALPN, send it to TURN.
+    // A client offering ALPN without one of these is refused by rustls. A TURN client's first
+    // bytes send it to TURN; the listener holds a session to what its ALPN agreed.
     tls.alpn_protocols = vec![b"http/1.1".to_vec(), b"stun.turn".to_vec()];
     tls.ignore_client_order = true;
     // A browser spends one ticket per resumed connection, so one replaces it; rustls's default
