@@ -81,6 +81,8 @@ pub enum FrameError {
     BadControlFrame,
     #[error("payload length has the most significant bit set")]
     LengthOverflow,
+    #[error("payload length {0} not encoded in the fewest bytes")]
+    LengthNotMinimal(u64),
     #[error("frame masked from the server or unmasked from the client")]
     Masking,
     #[error("data frame out of sequence (continuation without a start, or a new message inside one)")]
@@ -136,7 +138,12 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, FrameError> {
             if buf.len() < 4 {
                 return Ok(None);
             }
-            (u16::from_be_bytes([buf[2], buf[3]]) as u64, 4)
+            let len = u16::from_be_bytes([buf[2], buf[3]]) as u64;
+            // RFC 6455 §5.2: "the minimal number of bytes MUST be used to encode the length".
+            if len < 126 {
+                return Err(FrameError::LengthNotMinimal(len));
+            }
+            (len, 4)
         }
         127 => {
             if buf.len() < 10 {
@@ -147,6 +154,9 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<FrameHeader>, FrameError> {
             let len = u64::from_be_bytes(len);
             if len >> 63 != 0 {
                 return Err(FrameError::LengthOverflow);
+            }
+            if len <= u16::MAX as u64 {
+                return Err(FrameError::LengthNotMinimal(len));
             }
             (len, 10)
         }
@@ -286,6 +296,10 @@ mod tests {
         let mut huge = vec![0x82, 127];
         huge.extend_from_slice(&u64::MAX.to_be_bytes());
         assert_eq!(parse_header(&huge), Err(FrameError::LengthOverflow));
+        assert_eq!(parse_header(&[0x82, 126, 0, 125]), Err(FrameError::LengthNotMinimal(125)));
+        assert_eq!(parse_header(&[0x82, 127, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF]), Err(FrameError::LengthNotMinimal(65535)));
+        assert_eq!(parse_header(&[0x82, 126, 0, 126]).map(|h| h.map(|h| h.payload_len)), Ok(Some(126)));
+        assert_eq!(parse_header(&[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]).map(|h| h.map(|h| h.payload_len)), Ok(Some(65536)));
     }
 
     #[test]

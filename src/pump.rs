@@ -24,9 +24,11 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+// tokio's clock, the one its timers run on (and that paused tests move).
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{self, FrameError, OpCode};
@@ -162,8 +164,11 @@ where
             _ = operator.cancelled() => Ending::Operator,
             _ = idle(&shared, opts.idle_timeout) => Ending::Idle,
         };
-        shared.decide(Decided { ending, peer_close: None, error: None });
-        shared.stop.set().await;
+        // Lost to a side's close, fault or end: that side's close is under way, and bounded
+        // (CLOSE_GRACE, LINGER, FINAL_WRITE); stopping it now would cut the other side's answer.
+        if shared.decide(Decided { ending, peer_close: None, error: None }) {
+            shared.stop.set().await;
+        }
         std::future::pending::<()>().await
     };
     tokio::select! {
@@ -182,7 +187,8 @@ where
     PumpEnd { ending, close_code, close_reason, error }
 }
 
-/// Resolves once no data message has passed either way for `timeout`; never when `None`.
+/// Resolves once no data (a message, or part of one) has passed either way for `timeout`;
+/// never when `None`.
 async fn idle(shared: &Shared<'_>, timeout: Option<Duration>) {
     let Some(timeout) = timeout else { return std::future::pending().await };
     loop {
@@ -191,7 +197,7 @@ async fn idle(shared: &Shared<'_>, timeout: Option<Duration>) {
         if Instant::now() >= deadline {
             return;
         }
-        tokio::time::sleep_until(deadline.into()).await;
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -341,6 +347,9 @@ struct Scanner {
     /// The current frame ends a message.
     fin_pending: bool,
     msgs: u64,
+    /// Data (a data frame's header or payload) was scanned since the pump last took this:
+    /// a long message streaming in is not idle time.
+    data_seen: bool,
     /// The bytes forwarded so far stop inside a frame: nothing more can be framed on the writer.
     torn: bool,
 }
@@ -363,6 +372,7 @@ impl Scanner {
             message_len: 0,
             fin_pending: false,
             msgs: 0,
+            data_seen: false,
             torn: false,
         }
     }
@@ -380,6 +390,7 @@ impl Scanner {
         let mut frame_start: Option<usize> = None;
         while pos < data.len() {
             if self.remaining > 0 {
+                self.data_seen = true;
                 let n = self.remaining.min((data.len() - pos) as u64) as usize;
                 if self.text && !self.validate(&data[pos..pos + n]) {
                     return self.fail_in_frame(frame_start, Fault::InvalidUtf8);
@@ -436,6 +447,7 @@ impl Scanner {
                 self.utf8 = Utf8Stream::default();
             }
             frame_start = Some(pos);
+            self.data_seen = true;
             self.in_message = !h.fin;
             self.fin_pending = h.fin;
             self.mask = h.mask;
@@ -739,6 +751,11 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
     /// (a slow pong is not a dead peer). Pongs come back through the other direction and are
     /// forwarded; an unsolicited pong is allowed (RFC 6455 §5.5.3), so the far side ignores it.
     async fn ping(&mut self, shared: &Shared<'_>, mut stopped: Stopped<'_, '_>) -> Option<DirEnd> {
+        // Once the other direction has ended, nothing reads this writer's side, so its pongs
+        // would go unseen; what is left of the connection is bounded by the close grace.
+        if shared.finished.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
         if let Some(pinged) = self.pinged_at {
             if shared.seen(self.to).load(Ordering::Relaxed) < pinged {
                 self.unanswered += 1;
@@ -758,14 +775,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
         self.write(&frame, true, stopped.as_mut()).await.err()
     }
 
-    /// Writes, and flushes when told to; a stop while blocked leaves the writer torn
-    /// (mid-frame). A writer that stays blocked through two ping ticks has stopped reading: that
-    /// side is silent (its pongs, if any, are stuck behind the same wall).
+    /// Writes, and flushes when told to. A stop while the write is blocked leaves the writer
+    /// torn (mid-frame); a stop while only the flush is, does not: the writer took all of
+    /// `data`, and the relay's close can follow it. A writer that stays blocked through two ping
+    /// ticks has stopped reading: that side is silent (its pongs, if any, are stuck behind the
+    /// same wall).
     async fn write(&mut self, data: &[u8], flush: bool, mut stopped: Stopped<'_, '_>) -> Result<(), DirEnd> {
         let writer = &mut self.writer;
         let timer = &mut self.ping_timer;
+        // An atomic only because the future must be Send; one task reads and writes it.
+        let taken = AtomicBool::new(false);
         let write = async {
             writer.write_all(data).await?;
+            taken.store(true, Ordering::Relaxed);
             if flush {
                 writer.flush().await?;
             }
@@ -779,7 +801,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
                 biased;
                 r = &mut write => break r,
                 _ = stopped.as_mut() => {
-                    self.write_torn = true;
+                    // Over TLS a write only encrypts and the flush sends: a peer slow to read
+                    // holds the flush, with whole frames waiting in the writer.
+                    self.write_torn = !taken.load(Ordering::Relaxed);
                     return Err(DirEnd::Stopped);
                 }
                 _ = tick(timer) => {
@@ -824,7 +848,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Direction<R, W> {
             }
             let msgs = std::mem::take(&mut self.scanner.msgs);
             shared.counters.add(self.scanner.from, msgs, n as u64);
-            if msgs > 0 {
+            if std::mem::take(&mut self.scanner.data_seen) {
                 shared.last_data.store(shared.now_ms(), Ordering::Relaxed);
             }
             if let Some(m) = shared.metrics {
@@ -1040,13 +1064,18 @@ mod tests {
     }
 
     fn start(initial: Vec<u8>, max: u64) -> Harness {
+        start_with(initial, max, |_| {})
+    }
+
+    fn start_with(initial: Vec<u8>, max: u64, set: fn(&mut PumpOptions)) -> Harness {
         let (browser, relay_client) = duplex(64 * 1024);
         let (gateway, relay_up) = duplex(64 * 1024);
         let shutdown = CancellationToken::new();
         let sd = shutdown.clone();
         let task = tokio::spawn(async move {
             let counters = Counters::default();
-            let opts = PumpOptions::new(max, "C1");
+            let mut opts = PumpOptions::new(max, "C1");
+            set(&mut opts);
             let end = run(split(relay_client), split(relay_up), Initial { client: initial, upstream: Vec::new() }, &opts, &counters, &sd, &CancellationToken::new()).await;
             let c = [&counters.msgs_up, &counters.msgs_down, &counters.bytes_up, &counters.bytes_down]
                 .map(|a| a.load(Ordering::Relaxed));
@@ -1344,6 +1373,126 @@ mod tests {
         let (end, _) = h.task.await.unwrap();
         assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
         assert_eq!(&to_browser[2..4], &1002u16.to_be_bytes());
+    }
+
+    /// A writer whose flush waits until the test opens it, as a TLS stream's does while its
+    /// peer is slow to read (its writes only encrypt; the flush sends).
+    struct FlushGate<W> {
+        inner: W,
+        open: std::sync::Arc<(AtomicBool, std::sync::Mutex<Option<std::task::Waker>>)>,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for FlushGate<W> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            if !self.open.0.load(Ordering::SeqCst) {
+                *self.open.1.lock().unwrap() = Some(cx.waker().clone());
+                if !self.open.0.load(Ordering::SeqCst) {
+                    return Poll::Pending;
+                }
+            }
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_while_the_browser_is_slow_to_read_still_sends_it_the_close_after_whole_frames() {
+        let (mut browser, relay_client) = duplex(64 * 1024);
+        let (mut gateway, relay_up) = duplex(64 * 1024);
+        let shutdown = CancellationToken::new();
+        let open = std::sync::Arc::new((AtomicBool::new(false), std::sync::Mutex::new(None)));
+        let (client_r, client_w) = split(relay_client);
+        let client_w = FlushGate { inner: client_w, open: open.clone() };
+        let sd = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let counters = Counters::default();
+            let opts = PumpOptions::new(1 << 20, "C1");
+            run((client_r, client_w), split(relay_up), Initial { client: Vec::new(), upstream: Vec::new() }, &opts, &counters, &sd, &CancellationToken::new()).await
+        });
+        let message = text("for the browser", false);
+        gateway.write_all(&message).await.unwrap();
+        // The relay wrote the whole frame, and its flush is held.
+        assert_eq!(read_exact(&mut browser, message.len()).await, message);
+        shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open.0.store(true, Ordering::SeqCst);
+        if let Some(waker) = open.1.lock().unwrap().take() {
+            waker.wake();
+        }
+        assert_eq!(close_of(&read_frame(&mut browser).await).0, Some(1012), "the close follows the frame it waited behind");
+        assert_eq!(close_of(&read_frame(&mut gateway).await).0, Some(1012));
+        browser.write_all(&close_frame(1012, "", Some([1, 2, 3, 4]))).await.unwrap();
+        gateway.write_all(&close_frame(1012, "", None)).await.unwrap();
+        assert_eq!(task.await.unwrap().ending, Ending::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn a_length_not_in_the_fewest_bytes_is_a_protocol_error_and_not_forwarded() {
+        // A 5-byte masked text frame with its length in the 16-bit field.
+        let mut frame = vec![0x81, 0x80 | 126, 0, 5, 1, 2, 3, 4];
+        frame.extend(b"hello".iter().zip([1u8, 2, 3, 4].iter().cycle()).map(|(b, k)| b ^ k));
+        let mut h = start(frame, 1 << 20);
+        assert_eq!(close_of(&read_frame(&mut h.gateway).await).0, Some(1001), "nothing of the frame reaches the gateway");
+        h.gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        let to_browser = read_to_end(&mut h.browser).await;
+        let (end, c) = h.task.await.unwrap();
+        assert_eq!(end.ending, Ending::ProtocolError(Side::Client));
+        assert_eq!(close_of(&to_browser).0, Some(1002));
+        assert_eq!(c[0], 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_still_streaming_in_is_not_idle_time() {
+        let Harness { mut browser, mut gateway, task, .. } = start_with(Vec::new(), 1 << 20, |o| o.idle_timeout = Some(Duration::from_secs(10)));
+        let message = frame_of(OpCode::Binary, &[7u8; 1000], true, true);
+        let started = tokio::time::Instant::now();
+        // Its header and then a tenth of its payload every 3 s: 30 s for one message.
+        browser.write_all(&message[..8]).await.unwrap();
+        for chunk in message[8..].chunks(100) {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            browser.write_all(chunk).await.unwrap();
+        }
+        assert_eq!(read_exact(&mut gateway, message.len()).await, message, "the whole message is relayed");
+        assert_eq!(close_of(&read_frame(&mut gateway).await).0, Some(1001));
+        assert!(started.elapsed() >= Duration::from_secs(40), "idle counts from the message's last byte: {:?}", started.elapsed());
+        assert_eq!(close_of(&read_frame(&mut browser).await).0, Some(1001));
+        browser.write_all(&close_frame(1001, "", Some([1, 2, 3, 4]))).await.unwrap();
+        gateway.write_all(&close_frame(1001, "", None)).await.unwrap();
+        assert_eq!(task.await.unwrap().0.ending, Ending::Idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_during_a_close_handshake_lets_the_answer_through() {
+        let mut h = start(Vec::new(), 1 << 20);
+        let close = close_frame(1000, "done", Some([4, 4, 4, 4]));
+        h.browser.write_all(&close).await.unwrap();
+        assert_eq!(read_exact(&mut h.gateway, close.len()).await, close);
+        h.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let answer = close_frame(1000, "done too", None);
+        h.gateway.write_all(&answer).await.unwrap();
+        assert_eq!(read_frame(&mut h.browser).await, answer, "the gateway's own answer, not one the relay made up");
+        let (end, _) = h.task.await.unwrap();
+        assert_eq!((end.ending, end.close_code, end.close_reason.as_deref()), (Ending::Closed(Side::Client), Some(1000), Some("done")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_unanswered_after_a_side_closed_do_not_cut_its_close_short() {
+        let Harness { mut browser, mut gateway, task, .. } = start_with(Vec::new(), 1 << 20, |o| o.ping_interval = Some(Duration::from_secs(1)));
+        let close = close_frame(1000, "done", Some([4, 4, 4, 4]));
+        browser.write_all(&close).await.unwrap();
+        assert_eq!(read_exact(&mut gateway, close.len()).await, close);
+        // The browser reads nothing more from here: its pongs could not be seen anyway.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let answer = close_frame(1000, "done too", None);
+        gateway.write_all(&answer).await.unwrap();
+        assert_eq!(read_frame(&mut browser).await, answer);
+        assert_eq!(task.await.unwrap().0.ending, Ending::Closed(Side::Client));
     }
 
     #[tokio::test]

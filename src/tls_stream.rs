@@ -98,6 +98,10 @@ pub(crate) fn saw_client_sni(name: &str) {
 
 /// A TLS stream over `IO`: to a gateway ([`GatewayTls`], from [`connect`]) or from a browser
 /// (from [`accept`]).
+///
+/// Split, its halves must be polled by one task (as the pump and the TURN pipe do): a read
+/// sends what the state machine queued, with the reader's waker, which replaces the waker of a
+/// writer waiting on the same socket.
 pub struct TlsStream<C, IO> {
     io: IO,
     conn: C,
@@ -118,6 +122,9 @@ pub struct TlsStream<C, IO> {
     /// A TLS error was met: final, so rustls is not asked again (it would process the broken
     /// bytes again, and queue a second fatal alert).
     broken: bool,
+    /// The received bytes rustls was done with when it failed: consumed before it is asked for
+    /// its alert, as its unbuffered API requires of every call after one that returns a discard.
+    failed_discard: usize,
 }
 
 /// The relay's TLS stream to a gateway.
@@ -136,6 +143,7 @@ impl<C, IO> TlsStream<C, IO> {
             read_closed: false,
             close_sent: false,
             broken: false,
+            failed_discard: 0,
         }
     }
 }
@@ -192,8 +200,8 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     async fn handshake_steps(&mut self, first: &[u8]) -> io::Result<()> {
         let mut first_sent = first.is_empty();
         loop {
-            let TlsStream { conn, incoming, outgoing, plaintext, read_closed, .. } = &mut *self;
-            let (mut discard, state) = next_state(conn, incoming)?;
+            let TlsStream { conn, incoming, outgoing, plaintext, read_closed, failed_discard, .. } = &mut *self;
+            let (mut discard, state) = next_state(conn, incoming, failed_discard)?;
             let next = match state {
                 ConnectionState::EncodeTlsData(mut e) => {
                     fill(outgoing, RECORD_OVERHEAD, |out| e.encode(out).map_err(encode_error))?;
@@ -223,7 +231,10 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
                 // reader, and on with the handshake (the first bytes may not have gone yet).
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_error)?;
+                        let record = record.map_err(|e| {
+                            *failed_discard = discard;
+                            tls_error(e)
+                        })?;
                         discard += record.discard;
                         plaintext.extend_from_slice(record.payload);
                     }
@@ -262,11 +273,18 @@ fn closed_in_handshake<C: Session>() -> io::Error {
 }
 
 /// Runs rustls's state machine over the bytes received: the state it reached, and how many of
-/// those bytes to discard once the state is done with. A TLS error is final: rustls gives it
-/// again on every later call, so nothing is discarded.
-fn next_state<'c, 'i, C: Session>(conn: &'c mut C, incoming: &'i mut Bytes) -> io::Result<(usize, ConnectionState<'c, 'i, C::Data>)> {
+/// those bytes to discard once the state is done with. On a TLS error (final: the stream asks
+/// rustls only for its alert after it), the bytes to discard go to `failed`.
+fn next_state<'c, 'i, C: Session>(
+    conn: &'c mut C,
+    incoming: &'i mut Bytes,
+    failed: &mut usize,
+) -> io::Result<(usize, ConnectionState<'c, 'i, C::Data>)> {
     let UnbufferedStatus { discard, state } = conn.records(incoming.filled());
-    state.map(|state| (discard, state)).map_err(tls_error)
+    state.map(|state| (discard, state)).map_err(|e| {
+        *failed = discard;
+        tls_error(e)
+    })
 }
 
 /// What the handshake does after a state.
@@ -315,9 +333,10 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     /// [`TlsStream::last_gasp`] to send, as tokio-rustls's "last-gasp write" does. Called once
     /// per stream.
     fn queue_alert(&mut self) {
-        // rustls hands out what it queued before it looks at the input again; a second call
-        // would process the broken bytes again.
-        let TlsStream { conn, incoming, outgoing, .. } = self;
+        // rustls hands out what it queued before it looks at the input again, and the bytes it
+        // failed on are discarded first, as its API asks, so they are not processed twice.
+        let TlsStream { conn, incoming, outgoing, failed_discard, .. } = self;
+        incoming.consume(std::mem::take(failed_discard));
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = conn.records(incoming.filled()).state {
             let _ = fill(outgoing, RECORD_OVERHEAD, |buf| e.encode(buf).map_err(encode_error));
         }
@@ -328,12 +347,15 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
         // rustls hands over one record per call: a read goes on while the reader has room, so
         // that what one TCP read brought is forwarded in one write, as tokio-rustls does.
         loop {
-            let TlsStream { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, .. } = self;
-            let (mut discard, state) = next_state(conn, incoming)?;
+            let TlsStream { conn, incoming, outgoing, plaintext, close_sent, read_closed: peer_closed, failed_discard, .. } = self;
+            let (mut discard, state) = next_state(conn, incoming, failed_discard)?;
             let done = match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(record) = r.next_record() {
-                        let record = record.map_err(tls_error)?;
+                        let record = record.map_err(|e| {
+                            *failed_discard = discard;
+                            tls_error(e)
+                        })?;
                         discard += record.discard;
                         let mut payload = record.payload;
                         if let Some(out) = out.as_deref_mut() {
