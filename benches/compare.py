@@ -180,11 +180,18 @@ http {{
 """
 
 
-def start_targets(d, upstream_port):
+def start_targets(d, upstream_port, only=None):
+    """Starts the proxies to measure: all, or those named in `only` (so that a run of one
+    does not need the others installed)."""
+    def wanted(name):
+        return only is None or name in only
+
     targets = [Target("direct", upstream_port)]
     devnull = subprocess.DEVNULL
 
     for name, listen_protocols, upstream_protocols in NGINX_VARIANTS:
+        if not wanted(name):
+            continue
         port = free_port()
         with open(f"{d}/{name}.conf", "w") as f:
             f.write(NGINX_CONF.format(d=d, name=name, port=port, upstream_port=upstream_port,
@@ -193,16 +200,18 @@ def start_targets(d, upstream_port):
                                  stdout=devnull, stderr=devnull)
         targets.append(Target(name, port, nginx))
 
-    port = free_port()
-    with open(f"{d}/tcp-pass.conf", "w") as f:
-        f.write(NGINX_PASS_CONF.format(d=d, port=port, upstream_port=upstream_port))
-    passthrough = subprocess.Popen(["nginx", "-c", f"{d}/tcp-pass.conf", "-p", d, "-g", "daemon off;"],
-                                   stdout=devnull, stderr=devnull)
-    targets.append(Target(PASS, port, passthrough))
+    if wanted(PASS):
+        port = free_port()
+        with open(f"{d}/tcp-pass.conf", "w") as f:
+            f.write(NGINX_PASS_CONF.format(d=d, port=port, upstream_port=upstream_port))
+        passthrough = subprocess.Popen(["nginx", "-c", f"{d}/tcp-pass.conf", "-p", d, "-g", "daemon off;"],
+                                       stdout=devnull, stderr=devnull)
+        targets.append(Target(PASS, port, passthrough))
 
-    port = free_port()
-    with open(f"{d}/haproxy.cfg", "w") as f:
-        f.write(f"""
+    if wanted("haproxy"):
+        port = free_port()
+        with open(f"{d}/haproxy.cfg", "w") as f:
+            f.write(f"""
 global
   maxconn 9950
   nbthread 2
@@ -218,8 +227,8 @@ frontend fe
 backend be
   server up 127.0.0.1:{upstream_port} ssl verify none
 """)
-    haproxy = subprocess.Popen(["haproxy", "-f", f"{d}/haproxy.cfg", "-db"], stdout=devnull, stderr=devnull)
-    targets.append(Target("haproxy", port, haproxy))
+        haproxy = subprocess.Popen(["haproxy", "-f", f"{d}/haproxy.cfg", "-db"], stdout=devnull, stderr=devnull)
+        targets.append(Target("haproxy", port, haproxy))
 
     port = free_port()
     with open(f"{d}/sigrelay.toml", "w") as f:
@@ -340,7 +349,7 @@ def calibrate(d, up_port):
     machine, so the latency figures measure latency rather than queueing (machines of one kind
     differ by 3x from day to day, so a fixed rate cannot be right on all of them). The probe's
     100 handshakes count in its CPU, which errs on the side of a lower rate."""
-    targets = start_targets(d, up_port)
+    targets = start_targets(d, up_port, ["nginx"])
     probe = 5000
     try:
         nginx = next(t for t in targets if t.name == "nginx")
@@ -485,7 +494,7 @@ def main():
         for rnd in range(rounds):
             # Fresh proxies every round: an allocator keeps freed memory, so a second idle
             # measurement in the same process would read near zero.
-            targets = start_targets(d, up_port)
+            targets = start_targets(d, up_port, args.only.split(",") if args.only else None)
             try:
                 for scen in args.scenarios.split(","):
                     order = targets[rnd % len(targets):] + targets[:rnd % len(targets)]

@@ -17,7 +17,7 @@ use std::task::{ready, Context, Poll};
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus};
-use rustls::{ClientConfig, ServerConfig};
+use rustls::{ClientConfig, ProtocolVersion, ServerConfig};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -45,6 +45,8 @@ pub trait Session: Unpin {
     const PEER: &'static str;
     /// Runs the state machine over `incoming` (rustls's `process_tls_records`).
     fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    /// Whether the session speaks TLS 1.3.
+    fn is_tls13(&self) -> bool;
 }
 
 impl Session for UnbufferedClientConnection {
@@ -53,6 +55,10 @@ impl Session for UnbufferedClientConnection {
 
     fn records<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, ClientConnectionData> {
         self.process_tls_records(incoming)
+    }
+
+    fn is_tls13(&self) -> bool {
+        self.protocol_version() == Some(ProtocolVersion::TLSv1_3)
     }
 }
 
@@ -80,6 +86,10 @@ impl Session for ServerSession {
             self.sni.get_or_insert(sni);
         }
         status
+    }
+
+    fn is_tls13(&self) -> bool {
+        self.conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
     }
 }
 
@@ -125,6 +135,9 @@ pub struct TlsStream<C, IO> {
     /// The received bytes rustls was done with when it failed: consumed before it is asked for
     /// its alert, as its unbuffered API requires of every call after one that returns a discard.
     failed_discard: usize,
+    /// What is queued can wait for the next write (a TLS 1.3 server's session ticket, which the
+    /// client does not wait for), so a read that blocks does not send it on its own.
+    can_wait: bool,
 }
 
 /// The relay's TLS stream to a gateway.
@@ -144,6 +157,7 @@ impl<C, IO> TlsStream<C, IO> {
             close_sent: false,
             broken: false,
             failed_discard: 0,
+            can_wait: false,
         }
     }
 }
@@ -166,24 +180,27 @@ impl<IO> TlsStream<ServerSession, IO> {
 pub async fn connect(config: Arc<ClientConfig>, name: ServerName<'static>, tcp: TcpStream, first: &[u8]) -> io::Result<GatewayTls> {
     let conn = UnbufferedClientConnection::new(config, name).map_err(tls_error)?;
     let mut s = TlsStream::new(conn, tcp);
-    s.handshake(first).await?;
+    s.handshake(first, Last::Send).await?;
     Ok(s)
 }
 
 /// Accepts a client's TLS session over `io`; errors as [`connect`]'s. Bytes the client sent
-/// after its Finished are kept for the first read.
+/// after its Finished are kept for the first read. When they came with the Finished, a TLS 1.3
+/// session ticket waits for the first write, so the ticket and the answer (the 101) go in one
+/// send; otherwise it goes at once, as a TLS 1.2 server's last flight, which the client waits
+/// for, always does.
 pub async fn accept<IO: AsyncRead + AsyncWrite + Unpin>(config: Arc<ServerConfig>, io: IO) -> io::Result<TlsStream<ServerSession, IO>> {
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut s = TlsStream::new(ServerSession { conn, sni: None }, io);
-    s.handshake(&[]).await?;
+    s.handshake(&[], Last::Waits).await?;
     Ok(s)
 }
 
 impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     /// Runs the handshake to the point where application data flows, with `first` sent as soon
     /// as it may be; on a TLS error, the alert rustls has for the peer goes if it can.
-    async fn handshake(&mut self, first: &[u8]) -> io::Result<()> {
-        match self.handshake_steps(first).await {
+    async fn handshake(&mut self, first: &[u8], last: Last) -> io::Result<()> {
+        match self.handshake_steps(first, last).await {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.queue_alert();
@@ -197,7 +214,7 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
         }
     }
 
-    async fn handshake_steps(&mut self, first: &[u8]) -> io::Result<()> {
+    async fn handshake_steps(&mut self, first: &[u8], last: Last) -> io::Result<()> {
         let mut first_sent = first.is_empty();
         loop {
             let TlsStream { conn, incoming, outgoing, plaintext, read_closed, failed_discard, .. } = &mut *self;
@@ -254,7 +271,14 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
             match next {
                 Next::Again => {}
                 Next::Done => {
-                    poll_fn(|cx| self.poll_flush_outgoing(cx)).await?;
+                    // The ticket waits only when the peer's first bytes came with its Finished:
+                    // a peer that wrote them after, with Nagle's algorithm on, holds them until
+                    // its Finished is acknowledged, and the ticket is what acknowledges it now
+                    // rather than after a delayed ACK.
+                    match last {
+                        Last::Waits if self.conn.is_tls13() && !self.plaintext.is_empty() => self.can_wait = true,
+                        _ => poll_fn(|cx| self.poll_flush_outgoing(cx)).await?,
+                    }
                     return Ok(());
                 }
                 Next::Read => {
@@ -285,6 +309,13 @@ fn next_state<'c, 'i, C: Session>(
         *failed = discard;
         tls_error(e)
     })
+}
+
+/// Whether the handshake's last flight is sent before it returns, or, where the peer does not
+/// wait for it (a TLS 1.3 server's session ticket), left for the stream's first write.
+enum Last {
+    Send,
+    Waits,
 }
 
 /// What the handshake does after a state.
@@ -494,11 +525,13 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsStream<C, 
                 // An empty record: look again.
                 Processed::Plaintext => {}
                 Processed::NeedRead => {
-                    // Whatever the state machine queued (a session ticket, a key update's answer)
-                    // goes when it can; it does not hold up reading. A failed send is the
-                    // writer's to report: the peer's last data and close_notify may still be
-                    // in the socket, readable after it has gone.
-                    let _ = this.poll_flush_outgoing(cx);
+                    // Whatever the state machine queued (a key update's answer, a TLS 1.2
+                    // Finished) goes when it can; it does not hold up reading. A failed send is
+                    // the writer's to report: the peer's last data and close_notify may still
+                    // be in the socket, readable after it has gone.
+                    if !this.can_wait {
+                        let _ = this.poll_flush_outgoing(cx);
+                    }
                     if ready!(this.poll_read_tls(cx))? == 0 {
                         // As tokio-rustls says it: the end of the stream without a close_notify
                         // may be a truncation.
@@ -528,6 +561,8 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsStream<C,
         if this.close_sent {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, format!("the TLS session to {} was closed", C::PEER))));
         }
+        // What waited goes with this write, at the caller's flush.
+        this.can_wait = false;
         loop {
             let processed = match this.process(None, Some(data), false) {
                 Ok(processed) => processed,
@@ -971,6 +1006,126 @@ mod tests {
         assert_eq!(sent.len(), (5 + 12 + 1 + 16) + (5 + 2 + 1 + 16), "{sent:?}");
     }
 
+    /// A blocking client's handshake to `addr`, up to its Finished, which is queued, not
+    /// written, so what the test sends next joins it in one write.
+    fn handshake_but_finished(client: Arc<ClientConfig>, addr: std::net::SocketAddr) -> (std::net::TcpStream, rustls::ClientConnection) {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        let mut conn = rustls::ClientConnection::new(client, ServerName::try_from("gw.test").unwrap()).unwrap();
+        while conn.is_handshaking() {
+            if conn.wants_write() {
+                conn.write_tls(&mut tcp).unwrap();
+                continue;
+            }
+            conn.read_tls(&mut tcp).unwrap();
+            conn.process_new_packets().unwrap();
+        }
+        (tcp, conn)
+    }
+
+    /// A socket that counts its writes (each is one send).
+    struct CountingWrites {
+        tcp: TcpStream,
+        writes: usize,
+    }
+
+    impl AsyncRead for CountingWrites {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for CountingWrites {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            let written = ready!(Pin::new(&mut self.tcp).poll_write(cx, data));
+            self.writes += 1;
+            Poll::Ready(written)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.tcp).poll_shutdown(cx)
+        }
+    }
+
+    /// When the request came with the client's Finished, a TLS 1.3 server's session ticket
+    /// waits for its first write (the 101) and both go in one send, even when the reader looked
+    /// for more before answering; the client still gets the ticket.
+    #[tokio::test]
+    async fn the_session_ticket_goes_with_the_first_answer() {
+        let (listener, server, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let store = Arc::new(rustls::client::ClientSessionMemoryCache::new(4));
+        let mut client = (*client).clone();
+        client.resumption = rustls::client::Resumption::store(store.clone());
+        let client = Arc::new(client);
+        let browser = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let (mut tcp, mut conn) = handshake_but_finished(client, addr);
+            // The Finished and the request in one write.
+            conn.writer().write_all(b"request").unwrap();
+            let mut all = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut all).unwrap();
+            }
+            tcp.write_all(&all).unwrap();
+            let mut answer = Vec::new();
+            while answer.len() < b"answer".len() {
+                // A server that fails its assertions closes the socket: end, don't spin.
+                if conn.read_tls(&mut tcp).unwrap() == 0 {
+                    break;
+                }
+                let state = conn.process_new_packets().unwrap();
+                let mut plain = vec![0; state.plaintext_bytes_to_read()];
+                conn.reader().read_exact(&mut plain).unwrap();
+                answer.extend_from_slice(&plain);
+            }
+            answer
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut s = accept(server, CountingWrites { tcp, writes: 0 }).await.unwrap();
+        assert_eq!(s.io.writes, 1, "the server's flight; the ticket waits");
+        let mut got = vec![0; 64];
+        let n = s.read(&mut got).await.unwrap();
+        assert_eq!(&got[..n], b"request");
+        // Nothing more comes: a reader that looks again does not send the ticket by itself.
+        let more = tokio::time::timeout(std::time::Duration::from_millis(100), s.read(&mut got)).await;
+        assert!(more.is_err(), "nothing more was sent: {more:?}");
+        s.write_all(b"answer").await.unwrap();
+        s.flush().await.unwrap();
+        assert_eq!(s.io.writes, 2, "the ticket and the answer went in one send");
+        assert_eq!(browser.await.unwrap(), b"answer");
+        assert!(rustls::client::ClientSessionStore::take_tls13_ticket(&*store, &ServerName::try_from("gw.test").unwrap()).is_some(), "the client got its ticket");
+    }
+
+    /// A client that wrote its Finished alone gets the ticket at once: with Nagle's algorithm
+    /// on, its request waits in its kernel until the Finished is acknowledged, and the ticket
+    /// acknowledges it without the relay's delayed ACK.
+    #[tokio::test]
+    async fn the_session_ticket_goes_at_once_after_a_finished_alone() {
+        let (listener, server, client) = server_and_client(&[&rustls::version::TLS13], "test CA").await;
+        let addr = listener.local_addr().unwrap();
+        let (ticket_seen, ticket) = tokio::sync::oneshot::channel::<bool>();
+        let browser = tokio::task::spawn_blocking(move || {
+            let (mut tcp, mut conn) = handshake_but_finished(client, addr);
+            while conn.wants_write() {
+                conn.write_tls(&mut tcp).unwrap();
+            }
+            // The ticket comes without anything written after the Finished.
+            tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            let mut record = [0; 5];
+            let got = std::io::Read::read_exact(&mut tcp, &mut record).is_ok();
+            let _ = ticket_seen.send(got && record[0] == 23);
+        });
+        let (tcp, _) = listener.accept().await.unwrap();
+        let s = accept(server, CountingWrites { tcp, writes: 0 }).await.unwrap();
+        assert_eq!(s.io.writes, 2, "the server's flight, then the ticket");
+        assert!(ticket.await.unwrap(), "the client got a record without writing again");
+        browser.await.unwrap();
+    }
+
     /// A client whose close_notify comes in the same segment as its Finished (a health check,
     /// a scanner) has finished its handshake: what it sent is read, then the end of the stream.
     #[tokio::test]
@@ -979,17 +1134,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let browser = tokio::task::spawn_blocking(move || {
             use std::io::Write;
-            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
-            let mut conn = rustls::ClientConnection::new(client, ServerName::try_from("gw.test").unwrap()).unwrap();
-            while conn.is_handshaking() {
-                if conn.wants_write() {
-                    conn.write_tls(&mut tcp).unwrap();
-                    continue;
-                }
-                conn.read_tls(&mut tcp).unwrap();
-                conn.process_new_packets().unwrap();
-            }
-            // The Finished is queued, not written: the rest joins it in one write.
+            let (mut tcp, mut conn) = handshake_but_finished(client, addr);
+            // The rest joins the Finished in one write.
             conn.writer().write_all(b"bye").unwrap();
             conn.send_close_notify();
             let mut all = Vec::new();
