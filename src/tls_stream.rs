@@ -129,9 +129,9 @@ pub struct TlsStream<C, IO> {
     /// The peer sent its close_notify or ended the stream.
     read_closed: bool,
     close_sent: bool,
-    /// A TLS error was met: final, so rustls is not asked again (it would process the broken
-    /// bytes again, and queue a second fatal alert).
-    broken: bool,
+    /// The TLS error met, final: every later call gets it again, and rustls is not asked again
+    /// (it would process the broken bytes again, and queue a second fatal alert).
+    failed: Option<Failure>,
     /// The received bytes rustls was done with when it failed: consumed before it is asked for
     /// its alert, as its unbuffered API requires of every call after one that returns a discard.
     failed_discard: usize,
@@ -155,7 +155,7 @@ impl<C, IO> TlsStream<C, IO> {
             pending_err: None,
             read_closed: false,
             close_sent: false,
-            broken: false,
+            failed: None,
             failed_discard: 0,
             can_wait: false,
         }
@@ -342,13 +342,13 @@ impl<C: Session, IO: AsyncRead + AsyncWrite + Unpin> TlsStream<C, IO> {
     /// encrypts up to one record of it once the write state is reached; with `out`, delivers
     /// decrypted records there (what does not fit is set aside).
     fn process(&mut self, out: Option<&mut ReadBuf<'_>>, write: Option<&[u8]>, close: bool) -> io::Result<Processed> {
-        if self.broken {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("the TLS session with {} failed", C::PEER)));
+        if let Some(failed) = &self.failed {
+            return Err(failed.error());
         }
         let mut delivered = false;
         let result = self.process_records(out, write, close, &mut delivered);
-        if result.is_err() {
-            self.broken = true;
+        if let Err(e) = &result {
+            self.failed = Some(Failure::of(e));
             self.queue_alert();
         }
         match result {
@@ -731,6 +731,30 @@ fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+/// A stream's first error, kept so that whichever of the reader and the writer meets it second
+/// reports what failed (a rustls error stays one, for [`crate::upstream`]'s classification)
+/// rather than only that something did.
+enum Failure {
+    Tls(rustls::Error),
+    Other(io::ErrorKind, String),
+}
+
+impl Failure {
+    fn of(e: &io::Error) -> Failure {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls) => Failure::Tls(tls.clone()),
+            None => Failure::Other(e.kind(), e.to_string()),
+        }
+    }
+
+    fn error(&self) -> io::Error {
+        match self {
+            Failure::Tls(e) => tls_error(e.clone()),
+            Failure::Other(kind, text) => io::Error::new(*kind, text.clone()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -867,8 +891,12 @@ mod tests {
         let err = gw.read(&mut buf).await.expect_err("then the broken record's error");
         assert!(err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some(), "{err}");
         // After the error rustls is not asked again: it would process the broken record again
-        // (and, in a debug build, panic on its second fatal alert).
-        assert!(gw.read(&mut buf).await.is_err(), "the error is final");
+        // (and, in a debug build, panic on its second fatal alert). A later read or write gets
+        // the same error, not only word that there was one.
+        let again = gw.read(&mut buf).await.expect_err("the error is final");
+        assert_eq!(again.to_string(), err.to_string());
+        let written = gw.write(b"x").await.expect_err("a write meets it too");
+        assert!(written.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()).is_some(), "{written}");
         let _ = gw.shutdown().await;
     }
 
